@@ -1,0 +1,19 @@
+"""Architecture families: one small adapter each, chosen by HF architecture name."""
+from pop.runtime.errors import PopError
+
+from .gemma3 import Gemma3Adapter
+from .llama import LlamaAdapter
+from .qwen3 import Qwen3Adapter
+
+ADAPTERS = {arch: cls for cls in (LlamaAdapter, Qwen3Adapter, Gemma3Adapter) for arch in cls.architectures}
+
+
+def supported() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(hf_model):
+    arch = type(hf_model).__name__
+    if arch not in ADAPTERS:
+        raise PopError(f"unsupported architecture {arch}; supported: {', '.join(supported())}")
+    return ADAPTERS[arch](hf_model)

@@ -1,0 +1,82 @@
+"""Llama family (Llama-3.x, SmolLM2): the base adapter the other families refine.
+
+An adapter exposes the pieces of one architecture that POP needs, over the HF
+modules and their weights, and knows nothing about POP itself.  Tensors are
+[batch, seq, heads, head_dim] for q/k/v and [batch, seq, hidden] for h.
+"""
+import torch
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, T, H, D]; cos/sin: [B, T, D]
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+class LlamaAdapter:
+    architectures = ("LlamaForCausalLM",)
+
+    def __init__(self, hf_model):
+        self.hf = hf_model
+        self.cfg = hf_model.config
+        self.body = hf_model.model
+        self.layers = self.body.layers
+        self.num_layers = self.cfg.num_hidden_layers
+        self.num_heads = self.cfg.num_attention_heads
+        self.num_kv_heads = self.cfg.num_key_value_heads
+        self.head_dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.num_heads
+
+    # --- per-layer facts --------------------------------------------------
+    def sliding_window(self, layer: int):
+        types = getattr(self.cfg, "layer_types", None)
+        if types and types[layer] == "sliding_attention":
+            return int(self.cfg.sliding_window)
+        return None
+
+    def attn_scale(self, layer: int) -> float:
+        return self.head_dim ** -0.5
+
+    def attn_softcap(self):
+        return None
+
+    # --- computation --------------------------------------------------------
+    def embed(self, input_ids):
+        return self.body.embed_tokens(input_ids)
+
+    def rope_kind(self, layer: int) -> str:
+        """Layers of one kind share a rotary table, so it is computed once per graph."""
+        return "default"
+
+    def rope(self, kind: str, position_ids, like):
+        return self.body.rotary_emb(like, position_ids)
+
+    def attn_norm(self, layer: int, h):
+        return self.layers[layer].input_layernorm(h)
+
+    def _heads(self, x, n):
+        return x.view(*x.shape[:-1], n, self.head_dim)
+
+    def q(self, layer: int, x):
+        return self._heads(self.layers[layer].self_attn.q_proj(x), self.num_heads)
+
+    def k(self, layer: int, x):
+        return self._heads(self.layers[layer].self_attn.k_proj(x), self.num_kv_heads)
+
+    def v(self, layer: int, x):
+        return self._heads(self.layers[layer].self_attn.v_proj(x), self.num_kv_heads)
+
+    def attn_branch(self, layer: int, attn):
+        """What the attention sub-block adds to the residual stream."""
+        return self.layers[layer].self_attn.o_proj(attn)
+
+    def mlp_branch(self, layer: int, h):
+        """What the MLP sub-block adds to the residual stream."""
+        lyr = self.layers[layer]
+        return lyr.mlp(lyr.post_attention_layernorm(h))
+
+    def logits(self, h):
+        return self.hf.lm_head(self.body.norm(h))

@@ -1,0 +1,133 @@
+"""The POP computation, written once for every family adapter.
+
+Two modules, traced to two graphs:
+
+* PopPrefill: prompt tokens 1..N-1.  Layers 0..K-1 run normally; every layer
+  l >= K fills its cache from h (the output of layer K-1) through its own
+  norm -> K/V projection -> k-norm -> RoPE.  No logits.
+* PopDecode: the full model over T >= 1 new tokens after a past cache; logits
+  for the last position only, and the new tokens' K/V.
+
+Cache tensors are sequence-major, [seq, batch, kv_heads, head_dim], so that a
+runtime can hand the graphs a prefix of one preallocated buffer and receive new
+entries straight into it (see runtime/kv.py).  The graphs never concatenate the
+cache: attention scores over the past and over the new tokens are computed
+separately and joined only after the dot products, where they are small.
+"""
+import torch
+from torch import nn
+
+from .families.llama import apply_rope
+
+
+def key_mask(attention_mask, past_len, new_len, window):
+    """[B, 1, 1, T, P+T] bool: causal, padding-aware, optionally sliding.
+
+    attention_mask is [P+T, B] over cache slots (1 = a real token).  Slot indices
+    are the distances HF uses for sliding windows, so left padding counts.
+    """
+    total = attention_mask.shape[0]
+    q_idx = torch.arange(new_len, device=attention_mask.device) + past_len
+    k_idx = torch.arange(total, device=attention_mask.device)
+    allowed = k_idx[None, :] <= q_idx[:, None]
+    if window is not None:
+        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)
+    real = attention_mask.transpose(0, 1).bool()
+    return allowed[None, None, None, :, :] & real[:, None, None, None, :]
+
+
+def attend(q, k, v, past_k, past_v, mask, scale, softcap=None):
+    """Grouped-query attention over [past ; new] without joining the cache.
+
+    q: [B,T,Hq,D]; k, v: [B,T,Hkv,D]; past_k, past_v: [P,B,Hkv,D].
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    past_len = past_k.shape[0]
+    qh = q.reshape(b, t, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4) * scale  # [B,Hkv,G,T,D]
+    pk = past_k.permute(1, 2, 0, 3).unsqueeze(2)  # [B,Hkv,1,P,D]
+    pv = past_v.permute(1, 2, 0, 3).unsqueeze(2)
+    nk = k.transpose(1, 2).unsqueeze(2)  # [B,Hkv,1,T,D]
+    nv = v.transpose(1, 2).unsqueeze(2)
+    scores = torch.cat([qh @ pk.transpose(-1, -2), qh @ nk.transpose(-1, -2)], dim=-1).float()
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = probs[..., :past_len] @ pv + probs[..., past_len:] @ nv  # [B,Hkv,G,T,D]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
+
+
+class _PopGraph(nn.Module):
+    def __init__(self, adapter):
+        super().__init__()
+        self.ad = adapter
+        self.hf = adapter.hf  # registered so initializer names are the HF parameter names
+
+    def _ropes(self, position_ids, like):
+        kinds = {self.ad.rope_kind(l) for l in range(self.ad.num_layers)}
+        return {kind: self.ad.rope(kind, position_ids, like) for kind in sorted(kinds)}
+
+    def _masks(self, attention_mask, past_len, new_len):
+        windows = {self.ad.sliding_window(l) for l in range(self.ad.num_layers)}
+        return {w: key_mask(attention_mask, past_len, new_len, w) for w in windows}
+
+    def layer(self, l, h, rope, masks, past_k, past_v):
+        """One full decoder layer; returns the new h and this layer's new K/V."""
+        ad = self.ad
+        cos, sin = rope[ad.rope_kind(l)]
+        x = ad.attn_norm(l, h)
+        q = apply_rope(ad.q(l, x), cos, sin)
+        k = apply_rope(ad.k(l, x), cos, sin)
+        v = ad.v(l, x)
+        a = attend(q, k, v, past_k, past_v, masks[ad.sliding_window(l)], ad.attn_scale(l), ad.attn_softcap())
+        h = h + ad.attn_branch(l, a)
+        h = h + ad.mlp_branch(l, h)
+        return h, k, v
+
+    def kv_head(self, l, h, rope):
+        """Independent KV projection of a pruned layer, from the kept hidden state."""
+        ad = self.ad
+        cos, sin = rope[ad.rope_kind(l)]
+        x = ad.attn_norm(l, h)
+        return apply_rope(ad.k(l, x), cos, sin), ad.v(l, x)
+
+
+def seq_major(x):
+    return x.transpose(0, 1)  # [B,T,H,D] -> [T,B,H,D]
+
+
+class PopPrefill(_PopGraph):
+    def __init__(self, adapter, keep_layers: int):
+        super().__init__(adapter)
+        if not 1 <= keep_layers <= adapter.num_layers:
+            raise ValueError(f"keep_layers must be in 1..{adapter.num_layers}, got {keep_layers}")
+        self.keep = keep_layers
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        h = self.ad.embed(input_ids)
+        b, t = input_ids.shape
+        rope = self._ropes(position_ids, h)
+        masks = self._masks(attention_mask, 0, t)
+        empty = h.new_zeros(0, b, self.ad.num_kv_heads, self.ad.head_dim)
+        presents = []
+        for l in range(self.keep):
+            h, k, v = self.layer(l, h, rope, masks, empty, empty)
+            presents += [seq_major(k), seq_major(v)]
+        for l in range(self.keep, self.ad.num_layers):
+            k, v = self.kv_head(l, h, rope)
+            presents += [seq_major(k), seq_major(v)]
+        return tuple(presents)
+
+
+class PopDecode(_PopGraph):
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        h = self.ad.embed(input_ids)
+        past_len = past[0].shape[0]
+        rope = self._ropes(position_ids, h)
+        masks = self._masks(attention_mask, past_len, input_ids.shape[1])
+        presents = []
+        for l in range(self.ad.num_layers):
+            h, k, v = self.layer(l, h, rope, masks, past[2 * l], past[2 * l + 1])
+            presents += [seq_major(k), seq_major(v)]
+        return (self.ad.logits(h[:, -1]), *presents)

@@ -1,0 +1,106 @@
+"""The PyTorch POP reference: eager HF modules and HF's own cache, masks and
+attention, with POP applied on top.  It shares no code with the traced graphs
+(pop.py), so agreement between the two is evidence, not tautology.
+"""
+import torch
+from transformers import DynamicCache
+
+
+def positions(attention_mask):
+    """Position ids for left-padded rows, the way HF generate derives them."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rotary(hf_model, layer_idx, h, position_ids):
+    body = hf_model.model
+    types = getattr(hf_model.config, "layer_types", None)
+    rope_params = getattr(hf_model.config, "rope_parameters", None) or {}
+    if types and types[layer_idx] in rope_params:  # per-layer-type RoPE (Gemma-3)
+        return body.rotary_emb(h, position_ids, types[layer_idx])
+    return body.rotary_emb(h, position_ids)
+
+
+def _kv_projection(hf_model, layer_idx, h, position_ids):
+    """k = RoPE(knorm(W_k norm(h))), v = W_v norm(h), as HF's attention module would."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    layer = hf_model.model.layers[layer_idx]
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    b, t, _ = x.shape
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = _rotary(hf_model, layer_idx, h, position_ids)
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    return k, v
+
+
+@torch.no_grad()
+def prefill(hf_model, input_ids, attention_mask, keep: int):
+    """Shallow prefill of all tokens given.  Returns an HF DynamicCache.
+
+    The deep layers still run inside HF's forward (that is the simplest way to let
+    HF build its own cache objects); their cache entries are then replaced by the
+    independent KV projections of the hidden state leaving layer keep-1.
+    """
+    num_layers = hf_model.config.num_hidden_layers
+    cache = DynamicCache(config=hf_model.config)
+    captured = {}
+    hook = hf_model.model.layers[keep - 1].register_forward_hook(
+        lambda m, a, out: captured.__setitem__("h", _layer_output(out)))
+    pos = positions(attention_mask)
+    try:
+        hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                 past_key_values=cache, use_cache=True)
+    finally:
+        hook.remove()
+    for l in range(keep, num_layers):
+        k, v = _kv_projection(hf_model, l, captured["h"], pos)
+        stored = cache.layers[l].keys.shape[-2]  # sliding layers keep only their window
+        cache.layers[l].keys = k[..., -stored:, :].contiguous()
+        cache.layers[l].values = v[..., -stored:, :].contiguous()
+    return cache
+
+
+@torch.no_grad()
+def step(hf_model, tokens, attention_mask, cache):
+    """Full model over new tokens after the cache; returns last-position logits."""
+    pos = positions(attention_mask)[:, -tokens.shape[1]:]
+    out = hf_model(input_ids=tokens, attention_mask=attention_mask, position_ids=pos,
+                   past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def generate(hf_model, input_ids, attention_mask=None, keep=None, max_new_tokens=16, eos_ids=()):
+    """Greedy POP generation.  keep=None (or L) is the unpruned model."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keep = keep or hf_model.config.num_hidden_layers
+    n = input_ids.shape[1]
+    if n > 1:
+        cache = prefill(hf_model, input_ids[:, :-1], attention_mask[:, :-1], keep)
+    else:
+        cache = DynamicCache(config=hf_model.config)
+    tokens, mask = input_ids[:, -1:], attention_mask
+    out = []
+    for _ in range(max_new_tokens):
+        logits = step(hf_model, tokens, mask, cache)
+        tokens = logits.argmax(-1, keepdim=True)
+        out.append(tokens)
+        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+        if eos_ids and all(int(t) in eos_ids for t in tokens[:, 0]):
+            break
+    return torch.cat(out, dim=1)
+
+
+def cache_tensors(cache):
+    """[(k, v)] per layer in the graphs' layout, [seq, batch, heads, head_dim]."""
+    return [(layer.keys.permute(2, 0, 1, 3), layer.values.permute(2, 0, 1, 3)) for layer in cache.layers]
