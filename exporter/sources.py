@@ -86,6 +86,7 @@ def _from_gguf(path: Path, dtype: str, progress=print):
         # cached copy loads as an ordinary checkpoint.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".partial-"))
         try:

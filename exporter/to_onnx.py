@@ -40,20 +40,29 @@ def _sample(adapter, batch, seq, past, dtype):
     return ids, pos, mask, kv
 
 
-def trace(adapter, keep_layers, max_seq_len, dtype):
+def _quiet_tracer():
+    import logging
+    # the exporter lists every torchvision op it cannot register; pop uses none
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def trace(adapter, keep_layers, max_seq_len, dtype, progress=print):
     """Returns {graph name: onnx_ir.Model} for the prefill and decode graphs."""
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=max_seq_len)
     past, total = Dim("past", min=0, max=max_seq_len), Dim("total", min=1, max=max_seq_len)
     past_names, present_names = io_names(adapter.num_layers)
     ids, pos, mask, kv = _sample(adapter, SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST, dtype)
     graphs = {}
+    _quiet_tracer()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        progress(f"tracing the prefill graph ({keep_layers} layers + {adapter.num_layers - keep_layers} KV heads)")
         graphs["prefill"] = torch.onnx.export(
             PopPrefill(adapter, keep_layers).eval(), (ids, pos, mask[SAMPLE_PAST:]),
             input_names=["input_ids", "position_ids", "attention_mask"], output_names=present_names,
             dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq, 1: batch}),
             dynamo=True, opset_version=OPSET, optimize=True, verbose=False).model
+        progress(f"tracing the decode graph ({adapter.num_layers} layers)")
         graphs["decode"] = torch.onnx.export(
             PopDecode(adapter).eval(), (ids, pos, mask, *kv),
             input_names=["input_ids", "position_ids", "attention_mask", *past_names],
@@ -89,6 +98,8 @@ def save_shared(graphs: dict, out_dir: Path) -> dict:
                     WEIGHTS, by_digest[key], len(raw), value.const_value.dtype,
                     shape=value.const_value.shape, name=name, base_dir=out_dir)
     for graph_name, model in graphs.items():
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            node.metadata_props.clear()  # the tracer's per-node debug notes: most of the file, no use to runtimes
         ir.save(model, out_dir / f"{graph_name}.onnx")
     return {"stored_bytes": stored, "referenced_bytes": referenced, "unique_tensors": len(by_digest)}
 

@@ -5,25 +5,40 @@ so that "the first n slots of layer l's keys" and "slots p..p+t" are contiguous
 blocks.  The runtime hands the graphs such blocks by pointer: past inputs are
 prefixes, and new entries are written by the graphs straight into their slots.
 Nothing is concatenated or copied per step.
+
+The storage is allocated once for the largest batch seen; a request of batch b
+uses the first part of it, viewed with b as the batch axis, so its blocks stay
+contiguous too.
 """
 import numpy as np
 
 
 class KVBuffer:
-    def __init__(self, num_layers, kv_heads, head_dim, max_seq_len, batch, dtype):
+    def __init__(self, num_layers, kv_heads, head_dim, max_seq_len, dtype, batch=1):
+        self.shape = (num_layers, 2, max_seq_len, kv_heads, head_dim)  # batch goes in at axis 3
         self.max_seq_len = max_seq_len
+        self.dtype = np.dtype(dtype)
+        self._storage = np.zeros(0, self.dtype)
+        self._mask_storage = np.zeros(0, np.int64)
+        self.use(batch)
+
+    def use(self, batch):
+        """Views for a request of this batch; reallocates only when it is the largest yet."""
+        l, two, s, h, d = self.shape
+        need = l * two * s * batch * h * d
+        if need > self._storage.size:
+            self._storage = np.zeros(need, self.dtype)
+            self._mask_storage = np.zeros(s * batch, np.int64)
         self.batch = batch
-        self.cache = np.zeros((num_layers, 2, max_seq_len, batch, kv_heads, head_dim), dtype=dtype)
+        self.cache = self._storage[:need].reshape(l, two, s, batch, h, d)
         # Which slots hold real tokens (0 = padding or empty), sequence-major like the cache.
-        self.mask = np.zeros((max_seq_len, batch), dtype=np.int64)
+        self.mask = self._mask_storage[:s * batch].reshape(s, batch)
+        self.mask[:] = 0
 
     @property
     def nbytes(self):
-        return self.cache.nbytes + self.mask.nbytes
+        return self._storage.nbytes + self._mask_storage.nbytes
 
     def block(self, layer, kv, start, length):
         """Contiguous view of slots start..start+length of one layer's keys (kv=0) or values (kv=1)."""
         return self.cache[layer, kv, start:start + length]
-
-    def reset(self):
-        self.mask[:] = 0

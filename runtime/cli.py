@@ -1,0 +1,71 @@
+"""pop-generate: generate text from an exported folder with the pop runtime."""
+import argparse
+import json
+import sys
+
+from .errors import PopError, run_command
+from .sampling import Sampler
+from .session import MODES, PopSession
+
+
+def _ids(text):
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("--prompt-ids takes comma-separated integers, e.g. 1,2,3") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="pop-generate", description="Generate a continuation from pop artifacts.")
+    p.add_argument("artifacts", help="a folder written by pop-export")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (the tokenizer's BOS is added when the model wants one)")
+    src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated, used as given")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the manifest's (64)")
+    p.add_argument("--mode", default="pop", choices=MODES,
+                   help="pop: shallow prefill; full: the whole model over the prompt (for comparison)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    return run_command("pop-generate", lambda: _generate(args))
+
+
+def _generate(args):
+    try:
+        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise PopError(str(e)) from None
+    session = PopSession.load(args.artifacts, threads=args.threads)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    max_new = args.max_new_tokens or session.manifest["generation"]["max_new_tokens"]
+    if max_new < 1:
+        raise PopError("--max-new-tokens must be at least 1")
+    if args.json:
+        g = session.generate(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos)
+        print(json.dumps({"prompt_ids": g.prompt_ids[0], "output_ids": g.output_ids[0], "text": g.text[0],
+                          "ttft_ms": g.ttft_ms, "decode_ms_per_token": g.decode_ms_per_token,
+                          "finish_reason": g.finish_reasons[0], "mode": args.mode,
+                          "prefill_layers": session.manifest["pop"]["prefill_layers"],
+                          "num_layers": session.manifest["pop"]["num_layers"], **g.timings_ms}))
+    else:
+        if args.prompt is not None:
+            print(args.prompt, end="", flush=True)
+        for piece in session.stream(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos):
+            print(piece, end="", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

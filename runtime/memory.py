@@ -1,0 +1,51 @@
+"""Resident memory of a loaded session, measured in a fresh process.
+
+Run as `python -m pop.runtime.memory DIR`; prints one JSON object.  The
+exporter calls it so that the manifest records what the runtime really holds,
+not an estimate.
+"""
+import json
+import sys
+
+
+def rss():
+    """(resident, of which anonymous) in bytes.  File-backed pages here are the
+    memory-mapped weights; a private copy of them would show up as anonymous."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return fields["Rss"], fields["Anonymous"]
+
+
+def peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(directory, new_tokens=8):
+    import numpy as np  # noqa: F401  (imports are part of the baseline, not of the model)
+    import onnxruntime  # noqa: F401
+    import tokenizers  # noqa: F401
+
+    from .session import PopSession
+    base, base_anon = rss()
+    session = PopSession.load(directory)
+    loaded, _ = rss()
+    for mode in ("pop", "full"):
+        session.generate(list(range(3, 3 + max(2, min(32, session.max_seq_len - new_tokens)))),
+                         max_new_tokens=new_tokens, mode=mode, stop_at_eos=False)
+    after, after_anon = rss()
+    return {"baseline_rss_bytes": base, "after_load_rss_bytes": loaded, "after_generate_rss_bytes": after,
+            "peak_rss_bytes": peak_rss_bytes(), "session_rss_bytes": after - base,
+            "session_file_backed_rss_bytes": (after - after_anon) - (base - base_anon),
+            "session_anonymous_rss_bytes": after_anon - base_anon, "kv_buffer_bytes": session.kv.nbytes}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1])))

@@ -1,0 +1,204 @@
+"""PopSession: drive the two exported graphs through one KV buffer.
+
+    POP mode   prompt[:-1] -> prefill graph (K layers + KV heads) -> cache slots 0..N-2
+               prompt[-1]  -> decode graph, full model            -> first token (TTFT)
+    full mode  prompt      -> decode graph with an empty past      -> first token
+    then       each token  -> decode graph, one slot at a time     -> next token
+
+Everything the graphs touch is allocated when the batch is first seen: the
+token, position and mask buffers, the logits, and the KV buffer.  A step
+rebinds views of them and runs; nothing is allocated or copied per step.
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import manifest as manifest_io
+from .backends import open_backend
+from .errors import PopError
+from .kv import KVBuffer
+from .sampling import Sampler
+
+MODES = ("pop", "full")
+
+
+@dataclass
+class Generation:
+    prompt_ids: list  # per row, without padding
+    output_ids: list  # per row, generated ids only (an eos that stopped the row included)
+    text: list
+    ttft_ms: float
+    decode_ms_per_token: float
+    finish_reasons: list = field(default_factory=list)  # "eos" | "length" | "max_seq_len"
+    timings_ms: dict = field(default_factory=dict)  # prefill / boundary / decode steps
+
+
+class PopSession:
+    def __init__(self, directory, manifest, backend, tokenizer):
+        self.directory, self.manifest, self.backend, self.tokenizer = Path(directory), manifest, backend, tokenizer
+        kv = manifest["kv_cache"]
+        layers = kv["layers"]
+        self.num_layers = len(layers)
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.eos_ids = set(manifest["tokenizer"]["eos_ids"])
+        self.names = [(l["past_key"], l["past_value"], l["present_key"], l["present_value"]) for l in layers]
+        self.kv = KVBuffer(self.num_layers, layers[0]["kv_heads"], layers[0]["head_dim"], self.max_seq_len,
+                           kv["dtype"])
+        logits = next(o for o in manifest["graphs"]["decode"]["outputs"] if o["name"] == "logits")
+        self.vocab_size, self.logits_dtype = logits["shape"][-1], np.dtype(logits["dtype"])
+        self._batch = 0
+        self._ensure(1)
+
+    @classmethod
+    def load(cls, directory, backend="ort", threads=None):
+        directory = Path(directory)
+        manifest = manifest_io.load(directory)
+        from tokenizers import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / manifest["tokenizer"]["file"]))
+        except Exception as e:
+            raise PopError(f"{manifest['tokenizer']['file']} is not a readable tokenizer: {e}") from None
+        return cls(directory, manifest, open_backend(backend, directory, manifest, threads), tokenizer)
+
+    # --- text <-> ids ------------------------------------------------------
+    def encode(self, text: str) -> list:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        tok = self.manifest["tokenizer"]
+        return ([tok["bos_id"]] if tok.get("add_bos") else []) + ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
+
+    # --- buffers -----------------------------------------------------------
+    def _ensure(self, batch):
+        if batch > self._batch:
+            s = self.max_seq_len
+            self._ids = np.zeros(batch * s, np.int64)
+            self._pos = np.zeros(batch * s, np.int64)
+            self._logits = np.zeros((batch, self.vocab_size), self.logits_dtype)
+            self._batch = batch
+        self.kv.use(batch)
+
+    def _tokens(self, buf, rows, start, length):
+        """[batch, length] contiguous view of buf holding rows[:, start:start+length]."""
+        view = buf[:rows.shape[0] * length].reshape(rows.shape[0], length)
+        view[:] = rows[:, start:start + length]
+        return view
+
+    def _run_prefill(self, ids, pos, length):
+        inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": self.kv.mask[:length]}
+        outputs = {}
+        for l, (_, _, pk, pv) in enumerate(self.names):
+            outputs[pk], outputs[pv] = self.kv.block(l, 0, 0, length), self.kv.block(l, 1, 0, length)
+        self.backend.run("prefill", inputs, outputs)
+
+    def _run_decode(self, ids, pos, past, new):
+        inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": self.kv.mask[:past + new]}
+        outputs = {"logits": self._logits[:ids.shape[0]]}
+        for l, (k, v, pk, pv) in enumerate(self.names):
+            inputs[k], inputs[v] = self.kv.block(l, 0, 0, past), self.kv.block(l, 1, 0, past)
+            outputs[pk], outputs[pv] = self.kv.block(l, 0, past, new), self.kv.block(l, 1, past, new)
+        self.backend.run("decode", inputs, outputs)
+        return outputs["logits"]
+
+    # --- generation ----------------------------------------------------------
+    def _prepare(self, prompts):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        rows = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise PopError("empty prompt")
+        n = max(map(len, rows))
+        if n > self.max_seq_len:
+            raise PopError(f"prompt has {n} tokens; these artifacts hold at most {self.max_seq_len} "
+                           f"(re-export with a larger --max-seq-len)")
+        bad = [t for r in rows for t in r if not 0 <= t < self.vocab_size]
+        if bad:
+            raise PopError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        ids = np.zeros((len(rows), n), np.int64)
+        mask = np.zeros((len(rows), n), np.int64)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token sits in slot n-1
+            ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
+        pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1)  # as HF derives positions for padded rows
+        return rows, ids, mask, pos
+
+    def steps(self, prompts, max_new_tokens=64, mode="pop", sampler=None, stats=None):
+        """Yields the next token of every row, [batch], once per step.
+
+        stats (a dict), when given, receives the per-phase timings in ms.
+        """
+        if mode not in MODES:
+            raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        sampler = sampler or Sampler()
+        rows, ids, mask, pos = self._prepare(prompts)
+        b, n = ids.shape
+        self._ensure(b)
+        self.kv.mask[:n] = mask.T
+        stats = {} if stats is None else stats
+        t0 = time.perf_counter()
+        if mode == "pop" and n > 1:
+            self._run_prefill(self._tokens(self._ids, ids, 0, n - 1), self._tokens(self._pos, pos, 0, n - 1), n - 1)
+            t1 = time.perf_counter()
+            stats["prefill_ms"] = (t1 - t0) * 1e3
+            logits = self._run_decode(self._tokens(self._ids, ids, n - 1, 1), self._tokens(self._pos, pos, n - 1, 1),
+                                      n - 1, 1)
+            stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3
+        else:
+            logits = self._run_decode(self._tokens(self._ids, ids, 0, n), self._tokens(self._pos, pos, 0, n), 0, n)
+            stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t0) * 1e3, 0.0
+        token = sampler(logits)
+        stats["ttft_ms"] = (time.perf_counter() - t0) * 1e3
+        stats["decode_ms"] = []
+        yield token
+        next_pos = pos[:, -1] + 1
+        step_ids = self._ids[:b].reshape(b, 1)
+        step_pos = self._pos[:b].reshape(b, 1)
+        for slot in range(n, min(n + max_new_tokens - 1, self.max_seq_len)):
+            t = time.perf_counter()
+            step_ids[:, 0], step_pos[:, 0] = token, next_pos
+            self.kv.mask[slot] = 1
+            token = sampler(self._run_decode(step_ids, step_pos, slot, 1))
+            next_pos += 1
+            stats["decode_ms"].append((time.perf_counter() - t) * 1e3)
+            yield token
+
+    def generate(self, prompts, max_new_tokens=64, mode="pop", sampler=None, stop_at_eos=True) -> Generation:
+        """Generate for one prompt (text or ids) or a batch of them."""
+        rows = self._prepare(prompts)[0]
+        out = [[] for _ in rows]
+        reasons = [None] * len(rows)
+        stats = {}
+        for token in self.steps(prompts, max_new_tokens, mode, sampler, stats):
+            for i, t in enumerate(token):
+                if reasons[i] is None:
+                    out[i].append(int(t))
+                    if stop_at_eos and int(t) in self.eos_ids:
+                        reasons[i] = "eos"
+                    elif len(out[i]) == max_new_tokens:
+                        reasons[i] = "length"
+            if all(reasons):
+                break
+        reasons = [r or "max_seq_len" for r in reasons]
+        decode = stats["decode_ms"]
+        return Generation(rows, out, [self.decode(o) for o in out], stats["ttft_ms"],
+                          float(np.mean(decode)) if decode else float("nan"), reasons,
+                          {"prefill_ms": stats["prefill_ms"], "boundary_ms": stats["boundary_ms"],
+                           "decode_ms": decode})
+
+    def stream(self, prompt, max_new_tokens=64, mode="pop", sampler=None, stop_at_eos=True):
+        """Yields text pieces of one prompt's continuation as they are generated."""
+        ids, shown = [], ""
+        for token in self.steps(prompt, max_new_tokens, mode, sampler):
+            t = int(token[0])
+            if stop_at_eos and t in self.eos_ids:
+                return
+            ids.append(t)
+            text = self.decode(ids)
+            # hold back an incomplete multi-byte character until it is complete
+            if not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+            if len(ids) == max_new_tokens:
+                return

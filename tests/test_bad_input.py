@@ -1,0 +1,138 @@
+"""Every user error: one line on stderr, a non-zero exit, and no half-written output."""
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, cli
+
+
+def assert_one_line_error(run, *needles):
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) >= 1 and "Traceback" not in run.stderr, run.stderr
+    assert all(n in lines[-1] for n in needles), lines[-1]
+
+
+@pytest.fixture
+def artifacts(exports, tmp_path):
+    """A private copy of a good export, for a test to damage."""
+    copy = tmp_path / "art"
+    shutil.copytree(exports("tiny-llama"), copy)
+    return copy
+
+
+def test_good_copy_runs(artifacts):
+    run = cli("pop-generate", artifacts, "--prompt-ids", "1,72,105", "--max-new-tokens", 3, "--json")
+    assert run.returncode == 0 and len(json.loads(run.stdout)["output_ids"]) == 3
+
+
+def test_unknown_model(tmp_path):
+    out = tmp_path / "out"
+    run = cli("pop-export", "--model", "no-such-model", "--out", out)
+    assert_one_line_error(run, "unknown model", "no-such-model")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_not_in_cache(tmp_path, monkeypatch):
+    run = subprocess.run([str(BIN / "pop-export"), "--model", "some-org/some-model", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env={"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin"})
+    assert_one_line_error(run, "not in the local Hugging Face cache", "hf download some-org/some-model")
+
+
+def test_bad_prefill_layers(tmp_path):
+    run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", "--prefill-layers", 99)
+    assert_one_line_error(run, "--prefill-layers must be in 1..6")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_too_long(artifacts):
+    limit = json.loads((artifacts / "pop_manifest.json").read_text())["max_seq_len"]
+    ids = ",".join(["65"] * (limit + 1))
+    run = cli("pop-generate", artifacts, "--prompt-ids", ids)
+    assert_one_line_error(run, f"prompt has {limit + 1} tokens", f"at most {limit}")
+
+
+def test_token_outside_vocabulary(artifacts):
+    run = cli("pop-generate", artifacts, "--prompt-ids", "1,99999")
+    assert_one_line_error(run, "outside the vocabulary")
+
+
+def test_missing_folder(tmp_path):
+    assert_one_line_error(cli("pop-generate", tmp_path / "nothing", "--prompt", "x"), "not a folder")
+
+
+@pytest.mark.parametrize("victim", ["pop_manifest.json", "decode.onnx", "prefill.onnx", "weights.bin",
+                                    "tokenizer/tokenizer.json"])
+def test_missing_artifact(artifacts, victim):
+    (artifacts / victim).unlink()
+    assert_one_line_error(cli("pop-generate", artifacts, "--prompt", "x"), "missing")
+
+
+def test_truncated_weights(artifacts):
+    w = artifacts / "weights.bin"
+    w.write_bytes(w.read_bytes()[:-4096])
+    assert_one_line_error(cli("pop-generate", artifacts, "--prompt", "x"), "weights.bin", "corrupt")
+
+
+def test_corrupt_graph(artifacts):
+    (artifacts / "decode.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    assert_one_line_error(cli("pop-generate", artifacts, "--prompt", "x"), "decode.onnx", "cannot be loaded")
+
+
+def test_corrupt_manifest(artifacts):
+    (artifacts / "pop_manifest.json").write_text('{"format": "pop-manifest", "schema_ver')
+    assert_one_line_error(cli("pop-generate", artifacts, "--prompt", "x"), "corrupt")
+
+
+def test_incompatible_manifest_version(artifacts):
+    path = artifacts / "pop_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = 99
+    path.write_text(json.dumps(manifest))
+    assert_one_line_error(cli("pop-generate", artifacts, "--prompt", "x"), "schema version 99", "re-export")
+
+
+def test_trt_missing_writes_onnx_and_fails(tmp_path):
+    out = tmp_path / "trt"
+    run = cli("pop-export", "--model", "tiny-qwen3", "--out", out, "--backend", "trt", "--skip-verify")
+    assert_one_line_error(run, "no TensorRT engine was built", "tensorrt")
+    manifest = json.loads((out / "pop_manifest.json").read_text())
+    assert manifest["engines"] == {} and not list(out.glob("*.engine"))
+    ok = cli("pop-generate", out, "--prompt-ids", "1,72", "--max-new-tokens", 2, "--json")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_interrupted_export_leaves_nothing_complete(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([str(BIN / "pop-export"), "--model", "tiny-gemma3", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # interrupt once the export has started writing into its temporary folder
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".partial-*/*")):
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".partial-*")), "the export never started writing"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted" in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+def test_killed_export_leaves_no_complete_looking_folder(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([str(BIN / "pop-export"), "--model", "tiny-gemma3", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".partial-*/*.onnx")):
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".partial-") for p in leftovers)
+    assert not any((p / "pop_manifest.json").exists() and (p / "decode.onnx").exists() and
+                   json.loads((p / "pop_manifest.json").read_text()).get("verification") for p in leftovers)

@@ -1,0 +1,76 @@
+"""The real small models, Gemma-3 270M and SmolLM2-135M, on real English text."""
+import json
+
+import pytest
+import torch
+
+from pop.exporter import reference
+from pop.runtime.session import PopSession
+
+from conftest import EXCERPTS, cli, generate_json, hf_greedy
+
+pytestmark = pytest.mark.slow
+REAL = ["gemma3-270m", "smollm2-135m"]
+NEW = 16
+
+
+@pytest.fixture(scope="module", params=REAL)
+def real(request):
+    return request.param
+
+
+def prompts(loaded, count=3, words=40):
+    """A few passages from different texts, cut to a prompt of about `words` words."""
+    picked = [EXCERPTS[0], EXCERPTS[4], EXCERPTS[7]][:count]
+    return [loaded.tokenizer(" ".join(p["text"].split()[:words])).input_ids for p in picked]
+
+
+def test_no_pruning_equals_hf_generate(real, exports, hf_models):
+    loaded = hf_models(real)
+    layers = loaded.model.config.num_hidden_layers
+    directory = exports(real, layers)
+    manifest = json.loads((directory / "pop_manifest.json").read_text())
+    assert manifest["pop"]["prefill_layers"] == layers and manifest["verification"]["passed"]
+    if real == "gemma3-270m":
+        assert all(ids[0] == loaded.tokenizer.bos_token_id for ids in prompts(loaded))
+    for ids in prompts(loaded):
+        expected = hf_greedy(loaded.model, ids, NEW, manifest["tokenizer"]["eos_ids"])
+        assert generate_json(directory, ids, NEW)["output_ids"] == expected
+
+
+def test_default_pruning_equals_reference(real, exports, hf_models):
+    loaded = hf_models(real)
+    directory = exports(real)
+    session = PopSession.load(directory)
+    manifest = session.manifest
+    layers = loaded.model.config.num_hidden_layers
+    keep = manifest["pop"]["prefill_layers"]
+    assert keep == layers - layers // 3
+    report = manifest["verification"]
+    assert report["passed"]
+    for key in ("prefill_kv_max_abs", "full_kv_max_abs"):
+        assert report[key] <= 1e-4, key
+    for ids in prompts(loaded):
+        expected = reference.generate(loaded.model, torch.tensor([ids]), keep=keep, max_new_tokens=NEW,
+                                      eos_ids=session.eos_ids)[0].tolist()
+        got = session.generate(ids, NEW).output_ids[0]
+        assert got == expected
+
+
+def test_runtime_holds_weights_once(real, exports):
+    """Both ONNX Runtime sessions use one memory-mapped copy of every weight."""
+    memory = json.loads((exports(real) / "pop_manifest.json").read_text())["memory"]
+    weights = memory["weights_file_bytes"]
+    # the mapped weights.bin, resident once (plus a few shared libraries loaded late)
+    assert 0.9 * weights <= memory["session_file_backed_rss_bytes"] <= 1.05 * weights + (32 << 20), memory
+    # a private copy per session (or per prepacked MatMul) would add at least the weights again
+    assert memory["session_anonymous_rss_bytes"] < 0.6 * weights, memory
+    assert memory["artifact_bytes"] < 1.05 * memory["parameter_bytes"], memory
+
+
+def test_readme_main_command_prompt(real, exports):
+    directory = exports(real)
+    out = cli("pop-generate", directory, "--prompt", "It is a truth universally acknowledged", "--max-new-tokens", 12)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("It is a truth universally acknowledged")
+    assert len(out.stdout.strip()) > len("It is a truth universally acknowledged") + 5

@@ -1,0 +1,191 @@
+"""Exported graphs on the three tiny families, against HF generate and the POP reference."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pop.exporter import reference
+from pop.exporter.verify import TOLERANCE
+from pop.runtime.backends.ort import OrtBackend
+from pop.runtime.session import PopSession
+
+from conftest import cli, generate_json, hf_greedy
+
+TINY = ["tiny-llama", "tiny-qwen3", "tiny-gemma3"]
+# Byte-level prompts; the long one (38 tokens) is far past tiny-gemma3's window of 8.
+PROMPTS = ["Hello there, general", "It is a truth universally acknowledged, t", "A"]
+NEW = 24
+
+
+@pytest.fixture(scope="module", params=TINY)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def unpruned(tmp_path_factory, family, hf_models):
+    """Exported through the pop-export console script, with --prefill-layers L."""
+    layers = hf_models(family).model.config.num_hidden_layers
+    out = tmp_path_factory.mktemp("cli") / f"{family}-unpruned"
+    run = cli("pop-export", "--model", family, "--out", out, "--prefill-layers", layers)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def _ids(loaded, text):
+    return loaded.tokenizer(text).input_ids
+
+
+def test_no_pruning_equals_hf_generate(family, unpruned, hf_models):
+    loaded = hf_models(family)
+    manifest = json.loads((unpruned / "pop_manifest.json").read_text())
+    assert manifest["pop"]["pruned_layers"] == []
+    eos = manifest["tokenizer"]["eos_ids"]
+    for text in PROMPTS:
+        ids = _ids(loaded, text)
+        expected = hf_greedy(loaded.model, ids, NEW, eos)
+        got = generate_json(unpruned, ids, NEW)
+        assert got["prompt_ids"] == ids
+        assert got["output_ids"] == expected, text
+        full = generate_json(unpruned, ids, NEW, mode="full")
+        assert full["output_ids"] == expected, text
+
+
+def test_prompt_text_is_tokenized_as_hf_does(unpruned, hf_models, family):
+    out = cli("pop-generate", unpruned, "--prompt", PROMPTS[1], "--max-new-tokens", 3, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt_ids"] == _ids(hf_models(family), PROMPTS[1])
+
+
+def test_default_pruning_graphs_match_reference(family, exports, hf_models):
+    """Each graph alone, at shapes unlike the trace sample, against the eager reference."""
+    directory = exports(family)
+    manifest = json.loads((directory / "pop_manifest.json").read_text())
+    hf = hf_models(family).model
+    layers = hf.config.num_hidden_layers
+    keep = manifest["pop"]["prefill_layers"]
+    assert keep == layers - layers // 3 and manifest["pop"]["pruned_layers"] == list(range(keep, layers))
+    assert manifest["verification"]["passed"]
+
+    backend = OrtBackend(directory, manifest)
+    kv = manifest["kv_cache"]["layers"]
+    b, n = 2, 19  # n - 1 = 18 > tiny-gemma3's window of 8
+    ids = torch.randint(3, hf.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(b, n, dtype=torch.long)
+    pos = reference.positions(mask)
+    cache = np.zeros((layers, 2, n, b, kv[0]["kv_heads"], kv[0]["head_dim"]), np.float32)
+    outputs = {}
+    for l, spec in enumerate(kv):
+        outputs[spec["present_key"]], outputs[spec["present_value"]] = cache[l, 0, :n - 1], cache[l, 1, :n - 1]
+    backend.run("prefill", {"input_ids": ids[:, :-1].numpy().copy(), "position_ids": pos[:, :-1].numpy().copy(),
+                            "attention_mask": np.ones((n - 1, b), np.int64)}, outputs)
+    ref = reference.prefill(hf, ids[:, :-1], mask[:, :-1], keep)
+    for l, (k, v) in enumerate(reference.cache_tensors(ref)):
+        stored = k.shape[0]
+        np.testing.assert_allclose(cache[l, 0, n - 1 - stored:n - 1], k.numpy(), atol=TOLERANCE["float32"], rtol=0)
+        np.testing.assert_allclose(cache[l, 1, n - 1 - stored:n - 1], v.numpy(), atol=TOLERANCE["float32"], rtol=0)
+
+    logits = np.zeros((b, hf.config.vocab_size), np.float32)
+    inputs = {"input_ids": ids[:, -1:].numpy().copy(), "position_ids": pos[:, -1:].numpy().copy(),
+              "attention_mask": np.ones((n, b), np.int64)}
+    outputs = {"logits": logits}
+    for l, spec in enumerate(kv):
+        inputs[spec["past_key"]], inputs[spec["past_value"]] = cache[l, 0, :n - 1], cache[l, 1, :n - 1]
+        outputs[spec["present_key"]], outputs[spec["present_value"]] = cache[l, 0, n - 1:], cache[l, 1, n - 1:]
+    backend.run("decode", inputs, outputs)
+    ref_logits = reference.step(hf, ids[:, -1:], mask, ref).numpy()
+    np.testing.assert_allclose(logits, ref_logits, atol=TOLERANCE["float32"], rtol=0)
+    for l, (k, v) in enumerate(reference.cache_tensors(ref)):  # the boundary token's own K/V
+        np.testing.assert_allclose(cache[l, 0, n - 1], k[-1].numpy(), atol=TOLERANCE["float32"], rtol=0)
+
+
+def test_default_pruning_generation_equals_reference(family, exports, hf_models):
+    session = PopSession.load(exports(family))
+    hf = hf_models(family)
+    keep = session.manifest["pop"]["prefill_layers"]
+    assert keep < session.num_layers
+    for text in PROMPTS:
+        ids = _ids(hf, text)
+        expected = reference.generate(hf.model, torch.tensor([ids]), keep=keep, max_new_tokens=NEW,
+                                      eos_ids=session.eos_ids)[0].tolist()
+        got = session.generate(ids, NEW).output_ids[0]
+        assert got == expected[:len(got)] and (len(got) == len(expected) or got[-1] in session.eos_ids), text
+
+
+@pytest.mark.parametrize("length", [1, 2])
+def test_short_prompts(family, exports, hf_models, length):
+    """One token skips prefill; two tokens prefill exactly one."""
+    session = PopSession.load(exports(family))
+    hf = hf_models(family)
+    ids = _ids(hf, "Hi")[:length]
+    assert len(ids) == length
+    expected = reference.generate(hf.model, torch.tensor([ids]), keep=session.manifest["pop"]["prefill_layers"],
+                                  max_new_tokens=8)[0].tolist()
+    assert session.generate(ids, 8, stop_at_eos=False).output_ids[0] == expected
+
+
+@pytest.mark.parametrize("texts", [("Hello there, general", "Goodbye there, major"),  # equal lengths
+                                   ("It is a truth universally acknowledged", "Hi")])  # left-padded
+def test_batch_of_two(family, exports, hf_models, texts):
+    session = PopSession.load(exports(family))
+    hf = hf_models(family)
+    keep = session.manifest["pop"]["prefill_layers"]
+    rows = [_ids(hf, t) for t in texts]
+    n = max(map(len, rows))
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    expected = reference.generate(hf.model, ids, mask, keep=keep, max_new_tokens=12).tolist()
+    batch = session.generate(rows, 12, stop_at_eos=False).output_ids
+    assert batch == expected
+    for row, alone in zip(rows, expected):  # batching changes nothing
+        assert session.generate(row, 12, stop_at_eos=False).output_ids[0] == alone
+
+
+def test_kv_buffer_is_written_in_place(family, exports, hf_models):
+    """The graphs write the prompt's K/V straight into the session's one buffer."""
+    session = PopSession.load(exports(family))
+    hf = hf_models(family)
+    storage = session.kv._storage
+    address = storage.ctypes.data
+    ids = _ids(hf, PROMPTS[0])
+    session.generate(ids, 4, stop_at_eos=False)
+    assert session.kv._storage is storage and storage.ctypes.data == address
+    ref = reference.prefill(hf.model, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long),
+                            session.manifest["pop"]["prefill_layers"])
+    n = len(ids) - 1
+    for l, (k, v) in enumerate(reference.cache_tensors(ref)):
+        stored = k.shape[0]
+        np.testing.assert_allclose(session.kv.cache[l, 0, n - stored:n], k.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(session.kv.cache[l, 1, n - stored:n], v.numpy(), atol=1e-4, rtol=0)
+
+
+def test_weights_are_stored_once(family, exports):
+    import onnx
+    directory = exports(family)
+    manifest = json.loads((directory / "pop_manifest.json").read_text())
+    ranges = {}
+    for graph in manifest["graphs"].values():
+        model = onnx.load(str(directory / graph["file"]), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                assert info["location"] == "weights.bin"
+                ranges.setdefault((int(info["offset"]), int(info["length"])), set()).add(graph["file"])
+    spans = sorted(ranges)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:])), "overlapping tensors"
+    assert sum(length for _, length in spans) == manifest["weights"]["stored_bytes"]
+    assert any(len(files) == 2 for files in ranges.values()), "the graphs share no tensor"
+    # every byte the two graphs reference, counted per graph, exceeds what is stored
+    assert manifest["weights"]["stored_bytes"] < manifest["weights"]["referenced_bytes"]
+    assert (directory / "weights.bin").stat().st_size == manifest["weights"]["bytes"]
+    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01
+
+
+def test_sampling_is_seeded(family, exports):
+    session = PopSession.load(exports(family))
+    from pop.runtime.sampling import Sampler
+    runs = [session.generate([1, 72, 105], 16, sampler=Sampler(1.0, 50, 0.9, seed=s), stop_at_eos=False).output_ids
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
