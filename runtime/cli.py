@@ -32,6 +32,8 @@ def parser():
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--prepack-weights", action="store_true",
+                   help="let ONNX Runtime re-lay weights per graph: faster, but holds them twice in RAM")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
@@ -47,7 +49,7 @@ def _generate(args):
         sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise PopError(str(e)) from None
-    session = PopSession.load(args.artifacts, threads=args.threads)
+    session = PopSession.load(args.artifacts, threads=args.threads, prepack=args.prepack_weights)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     max_new = args.max_new_tokens or session.manifest["generation"]["max_new_tokens"]
     if max_new < 1:

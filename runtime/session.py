@@ -52,7 +52,8 @@ class PopSession:
         self._ensure(1)
 
     @classmethod
-    def load(cls, directory, backend="ort", threads=None):
+    def load(cls, directory, backend="ort", threads=None, prepack=False):
+        """prepack=True trades a private copy of the weights per graph for faster matmuls."""
         directory = Path(directory)
         manifest = manifest_io.load(directory)
         from tokenizers import Tokenizer
@@ -60,7 +61,7 @@ class PopSession:
             tokenizer = Tokenizer.from_file(str(directory / manifest["tokenizer"]["file"]))
         except Exception as e:
             raise PopError(f"{manifest['tokenizer']['file']} is not a readable tokenizer: {e}") from None
-        return cls(directory, manifest, open_backend(backend, directory, manifest, threads), tokenizer)
+        return cls(directory, manifest, open_backend(backend, directory, manifest, threads, prepack), tokenizer)
 
     # --- text <-> ids ------------------------------------------------------
     def encode(self, text: str) -> list:

@@ -10,8 +10,8 @@ from ..errors import PopError
 BACKENDS = ("ort",)
 
 
-def open_backend(name, directory, manifest, threads=None):
+def open_backend(name, directory, manifest, threads=None, prepack=False):
     if name == "ort":
         from .ort import OrtBackend
-        return OrtBackend(directory, manifest, threads)
+        return OrtBackend(directory, manifest, threads, prepack)
     raise PopError(f"unknown backend {name!r}; this runtime has: {', '.join(BACKENDS)}")
