@@ -1,6 +1,7 @@
 """pop-export: export a model as POP graphs plus a manifest."""
 import argparse
 import os
+import shlex
 import sys
 
 from pop.runtime.errors import run_command
@@ -37,7 +38,8 @@ def main(argv=None):
     return run_command("pop-export", lambda: export(
         args.model, args.out, args.backend, args.prefill_layers, args.prune_ratio, args.dtype, args.max_seq_len,
         args.skip_verify, args.max_batch, args.threads,
-        progress=lambda msg: print(f"pop-export: {msg}", file=sys.stderr, flush=True)) and 0)
+        progress=lambda msg: print(f"pop-export: {msg}", file=sys.stderr, flush=True),
+        command=shlex.join(["pop-export", *(sys.argv[1:] if argv is None else argv)])) and 0)
 
 
 if __name__ == "__main__":

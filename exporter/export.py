@@ -100,7 +100,7 @@ def _fail_report(report):
 
 
 def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=None, dtype="fp32",
-           max_seq_len=None, skip_verify=False, max_batch=8, threads=None, progress=print):
+           max_seq_len=None, skip_verify=False, max_batch=8, threads=None, progress=print, command=None):
     """Returns (output folder, manifest).  Raises PopError for anything a user can fix."""
     if backend not in BACKENDS:
         raise PopError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -140,6 +140,9 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
                     "prune_ratio": (adapter.num_layers - keep) / adapter.num_layers},
             "dtype": DTYPES[dtype],
             "max_seq_len": max_seq_len,
+            # Text models: one position axis, fed as token ids.  VLMs will declare
+            # 3 axes (M-RoPE) and an inputs_embeds token input here.
+            "positions": {"axes": 1, "rule": "per row, cumsum(attention_mask) - 1; padded slots get 1"},
             "kv_cache": _kv_section(adapter, keep, DTYPES[dtype]),
             "graphs": {name: {"file": f"{name}.onnx", "format": "onnx", "opset": to_onnx.OPSET,
                               **to_onnx.describe_io(tmp / f"{name}.onnx")} for name in ("prefill", "decode")},
@@ -150,9 +153,11 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
             "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
             "engines": {},
         }
+        for g in manifest["graphs"].values():
+            g["token_input"] = "input_ids"
         manifest["graphs"]["prefill"]["role"] = "prompt tokens 1..N-1: layers < K, KV heads for layers >= K"
         manifest["graphs"]["decode"]["role"] = "full model over T >= 1 new tokens after a past cache"
-        manifest["provenance"] = {"versions": _versions(), "created_unix": int(time.time()), "trace_seconds": trace_s}
+        manifest["provenance"] = {"command": command, "versions": _versions(), "created_unix": int(time.time()), "trace_seconds": trace_s}
         manifest_io.write(tmp, manifest)  # provisional, so the runtime can read the folder while we verify
 
         if skip_verify:
@@ -203,6 +208,9 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
 
 
 def _replace_dir(new: Path, target: Path):
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)  # mkdtemp made it private
     old = None
     if target.exists():
         old = target.with_name(f".old-{target.name}-{os.getpid()}")

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pop.exporter import reference
+from pop.exporter import reference, sources
 from pop.runtime.session import PopSession
 
 from conftest import EXCERPTS, cli, generate_json, hf_greedy
@@ -74,3 +74,14 @@ def test_readme_main_command_prompt(real, exports):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("It is a truth universally acknowledged")
     assert len(out.stdout.strip()) > len("It is a truth universally acknowledged") + 5
+
+
+def test_gguf_file_and_cached_conversion(hf_models):
+    """A .gguf path resolves like its preset, and the conversion is not redone."""
+    hf_models("smollm2-135m")  # converts once if this machine never did
+    path = sources._smollm2_gguf()
+    said = []
+    loaded = sources.load(str(path), progress=said.append)
+    assert not any("converting" in s for s in said), said
+    assert loaded.source["kind"] == "gguf" and loaded.source["sha256"] == sources.sha256_file(path)
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"

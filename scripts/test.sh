@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# All tests, the real-model ones (marked slow) included; extra arguments go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+python -m pytest -ra --durations=15 "$@"

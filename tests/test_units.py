@@ -1,0 +1,115 @@
+"""Small pieces that can be checked by hand."""
+import numpy as np
+import pytest
+import torch
+
+from pop.exporter import reference, sources, tiny
+from pop.exporter.export import kept_layers
+from pop.exporter.families import adapter_for, supported
+from pop.runtime import manifest
+from pop.runtime.errors import PopError
+from pop.runtime.kv import KVBuffer
+from pop.runtime.sampling import Sampler
+
+
+@pytest.mark.parametrize("layers,keep", [(32, 22), (36, 24), (48, 32), (18, 12), (30, 20), (6, 4)])
+def test_default_prunes_the_last_third_rounded_down(layers, keep):
+    # the paper: Llama-3.1-8B prunes 10 of 32, Qwen3-VL-8B layers 25-36 of 36
+    assert kept_layers(layers) == keep
+
+
+def test_prune_ratio_and_explicit_k():
+    assert kept_layers(32, prune_ratio=0.25) == 24
+    assert kept_layers(32, prune_ratio=0.0) == 32
+    assert kept_layers(32, prefill_layers=7) == 7
+    with pytest.raises(PopError, match="1..32"):
+        kept_layers(32, prefill_layers=33)
+    with pytest.raises(PopError, match=r"\[0, 1\)"):
+        kept_layers(32, prune_ratio=1.0)
+
+
+def test_unsupported_architecture_lists_the_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))
+    with pytest.raises(PopError) as e:
+        adapter_for(model)
+    assert "GPT2LMHeadModel" in str(e.value)
+    assert all(arch in str(e.value) for arch in supported())
+    assert {"LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"} <= set(supported())
+
+
+def test_unknown_model_names_the_presets():
+    with pytest.raises(PopError) as e:
+        sources.load("gemma-9000")
+    assert "gemma3-270m" in str(e.value) and "llama-3.1-8b" in str(e.value)
+
+
+@pytest.mark.parametrize("name", tiny.NAMES)
+def test_reference_without_pruning_is_hf_generate(name):
+    """The reference's own anchor: with K = L it is HF generate, token for token."""
+    model, tok = tiny.build(name)
+    ids = torch.tensor([tok("It is a truth universally acknowledged").input_ids])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    got = reference.generate(model, ids, max_new_tokens=12)[0]
+    assert got.tolist() == expected.tolist()
+
+
+def test_reference_pruning_changes_only_layers_past_k():
+    model, tok = tiny.build("tiny-qwen3")
+    ids = torch.tensor([tok("Hello there, general").input_ids])
+    mask = torch.ones_like(ids)
+    full = reference.cache_tensors(reference.prefill(model, ids, mask, keep=6))
+    pop = reference.cache_tensors(reference.prefill(model, ids, mask, keep=4))
+    # layer K's input is the output of layer K-1 in both, so its cache is the same too
+    for l in range(5):
+        assert torch.equal(full[l][0], pop[l][0]) and torch.equal(full[l][1], pop[l][1])
+    assert not torch.allclose(full[5][0], pop[5][0], atol=1e-3)
+
+
+def test_sampler():
+    logits = np.array([[0.0, 3.0, 1.0, 2.9]], np.float32)
+    assert Sampler()(logits).tolist() == [1]
+    assert all(Sampler(1.0, top_k=1, seed=s)(logits).tolist() == [1] for s in range(5))
+    assert all(Sampler(1.0, top_p=1e-6, seed=s)(logits).tolist() == [1] for s in range(5))
+    draws = {int(Sampler(1.0, top_k=2, seed=s)(logits)[0]) for s in range(50)}
+    assert draws == {1, 3}
+    with pytest.raises(ValueError):
+        Sampler(temperature=-1)
+
+
+def test_kv_buffer_views_stay_contiguous():
+    kv = KVBuffer(num_layers=3, kv_heads=2, head_dim=4, max_seq_len=10, dtype=np.float32, batch=4)
+    storage = kv._storage
+    kv.use(2)
+    assert kv._storage is storage  # a smaller batch reuses the allocation
+    block = kv.block(1, 0, 3, 5)
+    assert block.shape == (5, 2, 2, 4) and block.flags.c_contiguous
+    assert kv.block(2, 1, 0, 0).shape == (0, 2, 2, 4)
+
+
+def test_manifest_round_trip(tmp_path):
+    body = {k: {} for k in manifest.REQUIRED if k not in ("format", "schema_version")}
+    body["graphs"] = {"g": {"file": "g.onnx"}}
+    body["weights"] = {"file": "w.bin", "bytes": 3}
+    body["tokenizer"] = {"file": "t.json"}
+    for f, data in (("g.onnx", b"x"), ("w.bin", b"abc"), ("t.json", b"{}")):
+        (tmp_path / f).write_bytes(data)
+    manifest.write(tmp_path, body)
+    loaded = manifest.load(tmp_path)
+    assert loaded["schema_version"] == manifest.SCHEMA_VERSION and loaded["graphs"] == body["graphs"]
+    (tmp_path / "w.bin").write_bytes(b"ab")
+    with pytest.raises(PopError, match="corrupt or mismatched"):
+        manifest.load(tmp_path)
+
+
+def test_local_hf_folder(tmp_path):
+    model, tok = tiny.build("tiny-qwen3")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = sources.load(str(tmp_path / "m"))
+    assert loaded.source["kind"] == "dir" and loaded.name == "m"
+    for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(PopError, match="no config.json"):
+        sources.load(str(tmp_path))
