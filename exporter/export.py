@@ -106,6 +106,12 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
         raise PopError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise PopError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    # ONNX Runtime's CPU provider has no bf16 kernels, so such graphs can only be
+    # checked where a GPU backend runs them.
+    cpu_runnable = dtype != "bf16"
+    if not cpu_runnable and not skip_verify:
+        raise PopError("bf16 graphs cannot run on ONNX Runtime's CPU provider, so they cannot be verified here; "
+                       "use fp32 or fp16, or add --skip-verify to write them for a GPU backend")
     started = time.perf_counter()
     progress(f"loading {model}")
     loaded = sources.load(model, DTYPES[dtype], progress)
@@ -173,8 +179,11 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
             progress(f"verified: {_fail_report(report)} (tolerance {report['tolerance']} x scale)")
         del loaded, hf, adapter
 
-        progress("measuring the runtime's resident memory in a fresh process")
-        memory = _measure_runtime_memory(tmp)
+        if cpu_runnable:
+            progress("measuring the runtime's resident memory in a fresh process")
+            memory = _measure_runtime_memory(tmp)
+        else:
+            memory = {"runtime_measured": False, "why": "bf16 graphs do not run on the CPU runtime"}
         artifact_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         manifest["memory"] = {"parameter_bytes": param_bytes, "artifact_bytes": artifact_bytes,
                               "weights_file_bytes": manifest["weights"]["bytes"],

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pop.runtime.backends.ort import OrtBackend
+from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
 
 from . import reference
 
@@ -49,91 +50,71 @@ def _scale(b, mask=None):
     return float(b.max()) if b.size else 0.0
 
 
-def _kv_names(manifest):
-    return [(l["past_key"], l["past_value"], l["present_key"], l["present_value"])
-            for l in manifest["kv_cache"]["layers"]]
+def _compare_cache(kv, ref_cache, end, real, report, what):
+    """Max abs difference and reference scale over slots < end, real tokens only."""
+    diff, scale = 0.0, 0.0
+    for l, (k_ref, v_ref) in enumerate(reference.cache_tensors(ref_cache)):
+        stored = k_ref.shape[0]  # HF keeps only a sliding layer's window
+        sel = real[end - stored:end]
+        for i, r in enumerate((k_ref, v_ref)):
+            r = r.float().numpy()
+            diff = max(diff, _max_diff(kv.cache[l, i, end - stored:end], r, sel))
+            scale = max(scale, _scale(r, sel))
+    report[f"{what}_max_abs"], report[f"{what}_scale"] = diff, scale
+
+
+def _compare_logits(logits, ref, report, what):
+    report[f"{what}_max_abs"] = _max_diff(logits, ref)
+    report[f"{what}_scale"] = max(1.0, _scale(ref))
+    report[f"{what}_argmax_equal"] = bool((logits.argmax(-1) == ref.argmax(-1)).all())
 
 
 def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=None, progress=print):
     """Returns a report of max abs differences; the caller acts on report["passed"].
 
-    Argmax agreement is reported but not required: random prompts can leave two
-    logits closer than the tolerance, and then either order is correct.
+    The graphs are driven through the runtime's own bindings (pop.runtime.kv),
+    so what is verified is what PopSession runs.  Argmax agreement is reported
+    but not required: random prompts can leave two logits closer than the
+    tolerance, and then either order is correct.
     """
     backend = OrtBackend(directory, manifest, threads)
-    np_dtype = np.float32 if dtype_name == "float32" else np.dtype(manifest["kv_cache"]["dtype"])
     windows = [adapter.sliding_window(l) for l in range(adapter.num_layers)]
     window = max((w for w in windows if w), default=None)
     lengths = verify_lengths(window, manifest["max_seq_len"])
     ids, mask = _inputs(adapter.cfg.vocab_size, lengths)
     b, n = ids.shape
     pos = reference.positions(mask)
-    names = _kv_names(manifest)
-    shape = (n, b, adapter.num_kv_heads, adapter.head_dim)
+    ids_np, pos_np = ids.numpy(), pos.numpy()
+    real = np.ascontiguousarray(mask.numpy().T).astype(bool)  # [slot, batch]; padded slots are don't-care
+    names = layer_names(manifest)
+    logits_spec = next(o for o in manifest["graphs"]["decode"]["outputs"] if o["name"] == "logits")
+    logits = np.zeros((b, adapter.cfg.vocab_size), np.dtype(logits_spec["dtype"]))
+
+    def fresh_kv():
+        kv = KVBuffer(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, n, manifest["kv_cache"]["dtype"], b)
+        kv.mask[:] = real
+        return kv
     report = {"batch": b, "prompt_lengths": lengths, "tolerance": TOLERANCE[dtype_name]}
 
-    # 1. prefill graph vs reference POP prefill, over prompt[:-1]
     progress(f"verify: prefill graph, batch {b}, prompt lengths {lengths}")
-    cache = np.zeros((adapter.num_layers, 2) + shape, np_dtype)
-    outputs = {}
-    for l, (_, _, pk, pv) in enumerate(names):
-        outputs[pk], outputs[pv] = cache[l, 0, :n - 1], cache[l, 1, :n - 1]
-    ids_np, pos_np, mask_np = ids.numpy(), pos.numpy(), np.ascontiguousarray(mask.numpy().T)
-    backend.run("prefill", {"input_ids": np.ascontiguousarray(ids_np[:, :-1]),
-                            "position_ids": np.ascontiguousarray(pos_np[:, :-1]),
-                            "attention_mask": np.ascontiguousarray(mask_np[:-1])}, outputs)
+    kv = fresh_kv()
+    backend.run("prefill", *prefill_io(kv, names, np.ascontiguousarray(ids_np[:, :-1]),
+                                       np.ascontiguousarray(pos_np[:, :-1]), n - 1))
     ref_cache = reference.prefill(hf_model, ids[:, :-1], mask[:, :-1], keep)
-    real = mask_np[:-1].astype(bool)  # [n-1, b]: padded slots hold don't-care values
-    kv_diff, kv_scale = 0.0, 0.0
-    for l, (k_ref, v_ref) in enumerate(reference.cache_tensors(ref_cache)):
-        stored = k_ref.shape[0]  # HF keeps only a sliding layer's window
-        sel = real[-stored:]
-        for i, r in enumerate((k_ref, v_ref)):
-            r = r.float().numpy()
-            kv_diff = max(kv_diff, _max_diff(cache[l, i, n - 1 - stored:n - 1], r, sel))
-            kv_scale = max(kv_scale, _scale(r, sel))
-    report["prefill_kv_max_abs"], report["prefill_kv_scale"] = kv_diff, kv_scale
+    _compare_cache(kv, ref_cache, n - 1, real, report, "prefill_kv")
 
-    # 2. decode graph at the boundary: past = the graph's own prefill, one new token
     progress("verify: decode graph at the boundary (past from the prefill graph)")
-    logits = np.zeros((b, adapter.cfg.vocab_size), np.float32 if dtype_name == "float32" else np_dtype)
-    inputs = {"input_ids": np.ascontiguousarray(ids_np[:, -1:]), "position_ids": np.ascontiguousarray(pos_np[:, -1:]),
-              "attention_mask": mask_np}
-    outputs = {"logits": logits}
-    for l, (k, v, pk, pv) in enumerate(names):
-        inputs[k], inputs[v] = cache[l, 0, :n - 1], cache[l, 1, :n - 1]
-        outputs[pk], outputs[pv] = cache[l, 0, n - 1:n], cache[l, 1, n - 1:n]
-    backend.run("decode", inputs, outputs)
-    ref_logits = reference.step(hf_model, ids[:, -1:], mask, ref_cache).numpy()
-    scale = max(1.0, float(np.abs(ref_logits).max()))
-    report["boundary_logits_max_abs"] = _max_diff(logits, ref_logits)
-    report["boundary_logits_scale"] = scale
-    report["boundary_argmax_equal"] = bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())
+    backend.run("decode", *decode_io(kv, names, np.ascontiguousarray(ids_np[:, -1:]),
+                                     np.ascontiguousarray(pos_np[:, -1:]), n - 1, 1, logits))
+    _compare_logits(logits, reference.step(hf_model, ids[:, -1:], mask, ref_cache).numpy(), report, "boundary_logits")
 
-    # 3. decode graph as the full model: empty past, all n tokens (full mode)
     progress("verify: decode graph over the whole prompt with an empty past (full mode)")
-    full = np.zeros((adapter.num_layers, 2) + shape, np_dtype)
-    inputs = {"input_ids": ids_np, "position_ids": pos_np, "attention_mask": mask_np}
-    outputs = {"logits": logits}
-    for l, (k, v, pk, pv) in enumerate(names):
-        inputs[k], inputs[v] = full[l, 0, :0], full[l, 1, :0]
-        outputs[pk], outputs[pv] = full[l, 0], full[l, 1]
-    backend.run("decode", inputs, outputs)
+    kv = fresh_kv()
+    backend.run("decode", *decode_io(kv, names, ids_np, pos_np, 0, n, logits))
     with torch.no_grad():
         hf_out = hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    ref_full = hf_out.logits[:, -1].float().numpy()
-    report["full_logits_max_abs"] = _max_diff(logits, ref_full)
-    report["full_argmax_equal"] = bool((logits.argmax(-1) == ref_full.argmax(-1)).all())
-    full_kv, full_scale = 0.0, 0.0
-    for l, (k_ref, v_ref) in enumerate(reference.cache_tensors(hf_out.past_key_values)):
-        stored = k_ref.shape[0]
-        sel = mask_np[-stored:].astype(bool)
-        for i, r in enumerate((k_ref, v_ref)):
-            r = r.float().numpy()
-            full_kv = max(full_kv, _max_diff(full[l, i, n - stored:], r, sel))
-            full_scale = max(full_scale, _scale(r, sel))
-    report["full_kv_max_abs"], report["full_kv_scale"] = full_kv, full_scale
-    report["full_logits_scale"] = max(1.0, _scale(ref_full))
+    _compare_logits(logits, hf_out.logits[:, -1].float().numpy(), report, "full_logits")
+    _compare_cache(kv, hf_out.past_key_values, n, real, report, "full_kv")
 
     tol = report["tolerance"]
     report["passed"] = all(report[f"{what}_max_abs"] <= tol * max(1.0, report[f"{what}_scale"])

@@ -42,3 +42,28 @@ class KVBuffer:
     def block(self, layer, kv, start, length):
         """Contiguous view of slots start..start+length of one layer's keys (kv=0) or values (kv=1)."""
         return self.cache[layer, kv, start:start + length]
+
+
+def layer_names(manifest):
+    """Per layer: (past_key, past_value, present_key, present_value) IO names."""
+    return [(l["past_key"], l["past_value"], l["present_key"], l["present_value"])
+            for l in manifest["kv_cache"]["layers"]]
+
+
+def prefill_io(kv, names, ids, pos, length):
+    """Bindings for the prefill graph over slots 0..length, writing them in place."""
+    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:length]}
+    outputs = {}
+    for l, (_, _, pk, pv) in enumerate(names):
+        outputs[pk], outputs[pv] = kv.block(l, 0, 0, length), kv.block(l, 1, 0, length)
+    return inputs, outputs
+
+
+def decode_io(kv, names, ids, pos, past, new, logits):
+    """Bindings for the decode graph: slots 0..past are read, past..past+new written."""
+    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:past + new]}
+    outputs = {"logits": logits}
+    for l, (k, v, pk, pv) in enumerate(names):
+        inputs[k], inputs[v] = kv.block(l, 0, 0, past), kv.block(l, 1, 0, past)
+        outputs[pk], outputs[pv] = kv.block(l, 0, past, new), kv.block(l, 1, past, new)
+    return inputs, outputs

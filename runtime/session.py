@@ -18,7 +18,7 @@ import numpy as np
 from . import manifest as manifest_io
 from .backends import open_backend
 from .errors import PopError
-from .kv import KVBuffer
+from .kv import KVBuffer, decode_io, layer_names, prefill_io
 from .sampling import Sampler
 
 MODES = ("pop", "full")
@@ -43,7 +43,7 @@ class PopSession:
         self.num_layers = len(layers)
         self.max_seq_len = int(manifest["max_seq_len"])
         self.eos_ids = set(manifest["tokenizer"]["eos_ids"])
-        self.names = [(l["past_key"], l["past_value"], l["present_key"], l["present_value"]) for l in layers]
+        self.names = layer_names(manifest)
         self.kv = KVBuffer(self.num_layers, layers[0]["kv_heads"], layers[0]["head_dim"], self.max_seq_len,
                            kv["dtype"])
         logits = next(o for o in manifest["graphs"]["decode"]["outputs"] if o["name"] == "logits")
@@ -89,20 +89,12 @@ class PopSession:
         return view
 
     def _run_prefill(self, ids, pos, length):
-        inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": self.kv.mask[:length]}
-        outputs = {}
-        for l, (_, _, pk, pv) in enumerate(self.names):
-            outputs[pk], outputs[pv] = self.kv.block(l, 0, 0, length), self.kv.block(l, 1, 0, length)
-        self.backend.run("prefill", inputs, outputs)
+        self.backend.run("prefill", *prefill_io(self.kv, self.names, ids, pos, length))
 
     def _run_decode(self, ids, pos, past, new):
-        inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": self.kv.mask[:past + new]}
-        outputs = {"logits": self._logits[:ids.shape[0]]}
-        for l, (k, v, pk, pv) in enumerate(self.names):
-            inputs[k], inputs[v] = self.kv.block(l, 0, 0, past), self.kv.block(l, 1, 0, past)
-            outputs[pk], outputs[pv] = self.kv.block(l, 0, past, new), self.kv.block(l, 1, past, new)
-        self.backend.run("decode", inputs, outputs)
-        return outputs["logits"]
+        logits = self._logits[:ids.shape[0]]
+        self.backend.run("decode", *decode_io(self.kv, self.names, ids, pos, past, new, logits))
+        return logits
 
     # --- generation ----------------------------------------------------------
     def _prepare(self, prompts):
@@ -171,7 +163,7 @@ class PopSession:
         out = [[] for _ in rows]
         reasons = [None] * len(rows)
         stats = {}
-        for token in self.steps(prompts, max_new_tokens, mode, sampler, stats):
+        for token in self.steps(rows, max_new_tokens, mode, sampler, stats):  # ids: tokenized once
             for i, t in enumerate(token):
                 if reasons[i] is None:
                     out[i].append(int(t))

@@ -136,3 +136,9 @@ def test_killed_export_leaves_no_complete_looking_folder(tmp_path):
     assert all(p.name.startswith(".partial-") for p in leftovers)
     assert not any((p / "pop_manifest.json").exists() and (p / "decode.onnx").exists() and
                    json.loads((p / "pop_manifest.json").read_text()).get("verification") for p in leftovers)
+
+
+def test_bf16_cannot_be_verified_on_cpu(tmp_path):
+    run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", "--dtype", "bf16")
+    assert_one_line_error(run, "bf16", "--skip-verify")
+    assert list(tmp_path.iterdir()) == []

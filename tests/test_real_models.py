@@ -48,8 +48,10 @@ def test_default_pruning_equals_reference(real, exports, hf_models):
     assert keep == layers - layers // 3
     report = manifest["verification"]
     assert report["passed"]
-    for key in ("prefill_kv_max_abs", "full_kv_max_abs"):
-        assert report[key] <= 1e-4, key
+    # 1e-4 of the largest reference magnitude: real keys reach ~124 in Gemma-3, where one
+    # fp32 ulp is already 7.6e-6 and kernels that sum in another order differ by ~1e-3
+    for what in ("prefill_kv", "boundary_logits", "full_logits", "full_kv"):
+        assert report[f"{what}_max_abs"] <= 1e-4 * max(1.0, report[f"{what}_scale"]), what
     for ids in prompts(loaded):
         expected = reference.generate(loaded.model, torch.tensor([ids]), keep=keep, max_new_tokens=NEW,
                                       eos_ids=session.eos_ids)[0].tolist()

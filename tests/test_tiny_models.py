@@ -8,6 +8,7 @@ import torch
 from pop.exporter import reference
 from pop.exporter.verify import TOLERANCE
 from pop.runtime.backends.ort import OrtBackend
+from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
 from pop.runtime.session import PopSession
 
 from conftest import cli, generate_json, hf_greedy
@@ -69,35 +70,29 @@ def test_default_pruning_graphs_match_reference(family, exports, hf_models):
     assert manifest["verification"]["passed"]
 
     backend = OrtBackend(directory, manifest)
-    kv = manifest["kv_cache"]["layers"]
+    names = layer_names(manifest)
+    spec = manifest["kv_cache"]["layers"][0]
     b, n = 2, 19  # n - 1 = 18 > tiny-gemma3's window of 8
+    kv = KVBuffer(layers, spec["kv_heads"], spec["head_dim"], n, np.float32, batch=b)
+    kv.mask[:] = 1
     ids = torch.randint(3, hf.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(b, n, dtype=torch.long)
     pos = reference.positions(mask)
-    cache = np.zeros((layers, 2, n, b, kv[0]["kv_heads"], kv[0]["head_dim"]), np.float32)
-    outputs = {}
-    for l, spec in enumerate(kv):
-        outputs[spec["present_key"]], outputs[spec["present_value"]] = cache[l, 0, :n - 1], cache[l, 1, :n - 1]
-    backend.run("prefill", {"input_ids": ids[:, :-1].numpy().copy(), "position_ids": pos[:, :-1].numpy().copy(),
-                            "attention_mask": np.ones((n - 1, b), np.int64)}, outputs)
+    backend.run("prefill", *prefill_io(kv, names, ids[:, :-1].numpy().copy(), pos[:, :-1].numpy().copy(), n - 1))
     ref = reference.prefill(hf, ids[:, :-1], mask[:, :-1], keep)
     for l, (k, v) in enumerate(reference.cache_tensors(ref)):
         stored = k.shape[0]
-        np.testing.assert_allclose(cache[l, 0, n - 1 - stored:n - 1], k.numpy(), atol=TOLERANCE["float32"], rtol=0)
-        np.testing.assert_allclose(cache[l, 1, n - 1 - stored:n - 1], v.numpy(), atol=TOLERANCE["float32"], rtol=0)
+        np.testing.assert_allclose(kv.cache[l, 0, n - 1 - stored:n - 1], k.numpy(), atol=TOLERANCE["float32"], rtol=0)
+        np.testing.assert_allclose(kv.cache[l, 1, n - 1 - stored:n - 1], v.numpy(), atol=TOLERANCE["float32"], rtol=0)
 
     logits = np.zeros((b, hf.config.vocab_size), np.float32)
-    inputs = {"input_ids": ids[:, -1:].numpy().copy(), "position_ids": pos[:, -1:].numpy().copy(),
-              "attention_mask": np.ones((n, b), np.int64)}
-    outputs = {"logits": logits}
-    for l, spec in enumerate(kv):
-        inputs[spec["past_key"]], inputs[spec["past_value"]] = cache[l, 0, :n - 1], cache[l, 1, :n - 1]
-        outputs[spec["present_key"]], outputs[spec["present_value"]] = cache[l, 0, n - 1:], cache[l, 1, n - 1:]
-    backend.run("decode", inputs, outputs)
+    backend.run("decode", *decode_io(kv, names, ids[:, -1:].numpy().copy(), pos[:, -1:].numpy().copy(), n - 1, 1,
+                                     logits))
     ref_logits = reference.step(hf, ids[:, -1:], mask, ref).numpy()
     np.testing.assert_allclose(logits, ref_logits, atol=TOLERANCE["float32"], rtol=0)
     for l, (k, v) in enumerate(reference.cache_tensors(ref)):  # the boundary token's own K/V
-        np.testing.assert_allclose(cache[l, 0, n - 1], k[-1].numpy(), atol=TOLERANCE["float32"], rtol=0)
+        np.testing.assert_allclose(kv.cache[l, 0, n - 1], k[-1].numpy(), atol=TOLERANCE["float32"], rtol=0)
+        np.testing.assert_allclose(kv.cache[l, 1, n - 1], v[-1].numpy(), atol=TOLERANCE["float32"], rtol=0)
 
 
 def test_default_pruning_generation_equals_reference(family, exports, hf_models):
@@ -189,3 +184,15 @@ def test_sampling_is_seeded(family, exports):
             for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_fp16_export_is_verified_and_runs(tmp_path):
+    out = tmp_path / "fp16"
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--dtype", "fp16")
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "pop_manifest.json").read_text())
+    report = manifest["verification"]
+    assert manifest["dtype"] == "float16" and report["passed"] and report["tolerance"] == TOLERANCE["float16"]
+    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01  # 2 bytes a weight
+    got = generate_json(out, [1, 72, 101, 108, 108, 111], 8, extra=("--ignore-eos",))
+    assert len(got["output_ids"]) == 8
