@@ -29,8 +29,8 @@ class Generation:
     prompt_ids: list  # per row, without padding
     output_ids: list  # per row, generated ids only (an eos that stopped the row included)
     text: list
-    ttft_ms: float
-    decode_ms_per_token: float
+    ttft_ms: float  # prompt ids in, first token out
+    decode_ms_per_token: float | None  # None when only one token was generated
     finish_reasons: list = field(default_factory=list)  # "eos" | "length" | "max_seq_len"
     timings_ms: dict = field(default_factory=dict)  # prefill / boundary / decode steps
 
@@ -176,7 +176,7 @@ class PopSession:
         reasons = [r or "max_seq_len" for r in reasons]
         decode = stats["decode_ms"]
         return Generation(rows, out, [self.decode(o) for o in out], stats["ttft_ms"],
-                          float(np.mean(decode)) if decode else float("nan"), reasons,
+                          float(np.mean(decode)) if decode else None, reasons,
                           {"prefill_ms": stats["prefill_ms"], "boundary_ms": stats["boundary_ms"],
                            "decode_ms": decode})
 

@@ -196,3 +196,9 @@ def test_fp16_export_is_verified_and_runs(tmp_path):
     assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01  # 2 bytes a weight
     got = generate_json(out, [1, 72, 101, 108, 108, 111], 8, extra=("--ignore-eos",))
     assert len(got["output_ids"]) == 8
+
+
+def test_json_contract_with_a_single_new_token(exports):
+    got = generate_json(exports("tiny-llama"), [1, 72], 1)
+    assert set(got) >= {"prompt_ids", "output_ids", "text", "ttft_ms", "decode_ms_per_token"}
+    assert len(got["output_ids"]) == 1 and got["decode_ms_per_token"] is None and got["ttft_ms"] > 0
