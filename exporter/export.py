@@ -59,9 +59,7 @@ def _tokenizer_section(tok, hf_model, directory: Path):
     tok.save_pretrained(sub)
     if not (sub / "tokenizer.json").exists():
         raise PopError("this model's tokenizer has no fast (tokenizer.json) form, which runtimes need")
-    with_special = tok("a").input_ids
-    plain = tok("a", add_special_tokens=False).input_ids
-    add_bos = tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id] and plain[:1] != with_special[:1]
+    add_bos = sources.bos_for(tok) is not None
     eos = hf_model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:

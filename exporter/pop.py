@@ -72,8 +72,12 @@ class _PopGraph(nn.Module):
         windows = {self.ad.sliding_window(l) for l in range(self.ad.num_layers)}
         return {w: key_mask(attention_mask, past_len, new_len, w) for w in windows}
 
-    def layer(self, l, h, rope, masks, past_k, past_v):
-        """One full decoder layer; returns the new h and this layer's new K/V."""
+    def layer(self, l, h, rope, masks, past_k, past_v, gate=None):
+        """One full decoder layer; returns the new h and this layer's new K/V.
+
+        gate (broadcast over h) scales both residual branches: the "virtual gate"
+        of stage-importance analysis.  The exported graphs never pass one.
+        """
         ad = self.ad
         cos, sin = rope[ad.rope_kind(l)]
         x = ad.attn_norm(l, h)
@@ -81,8 +85,10 @@ class _PopGraph(nn.Module):
         k = apply_rope(ad.k(l, x), cos, sin)
         v = ad.v(l, x)
         a = attend(q, k, v, past_k, past_v, masks[ad.sliding_window(l)], ad.attn_scale(l), ad.attn_softcap())
-        h = h + ad.attn_branch(l, a)
-        h = h + ad.mlp_branch(l, h)
+        a = ad.attn_branch(l, a)
+        h = h + (a if gate is None else gate * a)
+        m = ad.mlp_branch(l, h)
+        h = h + (m if gate is None else gate * m)
         return h, k, v
 
     def kv_head(self, l, h, rope):

@@ -37,6 +37,14 @@ class Loaded:
     source: dict = field(default_factory=dict)  # provenance for the manifest
 
 
+def bos_for(tokenizer):
+    """The BOS id when the tokenizer starts every sequence with one (Gemma), else None."""
+    with_special = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("POP_CACHE", Path.home() / ".cache" / "pop"))
 

@@ -1,0 +1,110 @@
+"""pop-analyze: per-layer stage importance on the user's model and text."""
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pop.exporter import sources
+from pop.exporter.export import kept_layers
+from pop.exporter.families import adapter_for
+from pop.runtime.errors import run_command
+
+from . import data, importance
+
+
+def model_sha256(model):
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def plot(path, report):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pre, dec = report["prefill_normalized"], report["decode_normalized"]
+    layers = range(len(pre))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(layers, pre, "o-", label="prefill", color="tab:blue")
+    ax.plot(layers, dec, "s-", label="decode", color="tab:red")
+    k, k_default = report["recommended_prefill_layers"], report["default_prefill_layers"]
+    ax.axvspan(k - 0.5, len(pre) - 0.5, color="tab:blue", alpha=0.08, label=f"pruned at recommended K={k}")
+    ax.axvline(k_default - 0.5, color="grey", ls="--", lw=1, label=f"default K={k_default} (last third)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("importance E[(dL/dg)²], share of the stage's total")
+    ax.set_title(f"Stage importance: {report['model']['name']} on {Path(report['data']['path']).name} "
+                 f"({report['settings']['samples']} samples)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=32, seed=0, budget=0.05,
+            progress=print):
+    text, data_sha = data.read_text(data_path)
+    progress(f"loading {model}")
+    loaded = sources.load(model, progress=progress)
+    adapter = adapter_for(loaded.model)
+    prompts = [p for p, _ in data.windows(text, loaded.tokenizer, prompt_len, 1, samples,
+                                          sources.bos_for(loaded.tokenizer), data_path)]
+    started = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="pop-analyze: forward-backward", unit="sample", file=sys.stderr)
+    pre, dec = importance.stage_importance(loaded.model, adapter, prompts, new_tokens, seed,
+                                           lambda i: bar.update(1))
+    bar.close()
+    report = {
+        "model": {"name": loaded.name, "architecture": type(loaded.model).__name__, "source": loaded.source,
+                  "sha256": model_sha256(loaded.model), "num_layers": adapter.num_layers},
+        "data": {"path": str(data_path), "sha256": data_sha},
+        "settings": {"samples": len(prompts), "prompt_len": prompt_len, "new_tokens": new_tokens, "seed": seed,
+                     "budget": budget, "targets": "sampled from the model (temperature 1)",
+                     "loss": "mean cross-entropy over decode positions"},
+        "prefill": pre, "decode": dec,
+        "prefill_normalized": [x / (sum(pre) or 1) for x in pre],
+        "decode_normalized": [x / (sum(dec) or 1) for x in dec],
+        "recommended_prefill_layers": importance.recommend(pre, budget),
+        "rule": importance.RULE.format(budget=budget),
+        "default_prefill_layers": kept_layers(adapter.num_layers),
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(out) if out else Path("artifacts") / f"analyze-{loaded.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "importance.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(out / "importance.png", report)
+    progress(f"recommended K = {report['recommended_prefill_layers']} of {adapter.num_layers} "
+             f"({report['rule']}); wrote {out}/importance.json and importance.png")
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="pop-analyze", description="Per-layer prefill and decode importance "
+                                "(virtual gates), and a recommended number of kept prefill layers.")
+    p.add_argument("--model", required=True, help="as for pop-export")
+    p.add_argument("--data", required=True, help="a UTF-8 text file for calibration")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (the paper used 200)")
+    p.add_argument("--out", help="output folder (default: artifacts/analyze-<model>)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32, help="sampled continuation: the decode positions")
+    p.add_argument("--budget", type=float, default=0.05, help="share of prefill importance pruning may drop")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    def body():
+        from pop.runtime.errors import PopError
+        if args.samples < 1 or args.prompt_len < 2 or args.new_tokens < 1 or not 0 <= args.budget < 1:
+            raise PopError("need --samples >= 1, --prompt-len >= 2, --new-tokens >= 1 and 0 <= --budget < 1")
+        analyze(args.model, args.data, args.samples, args.out, args.prompt_len, args.new_tokens, args.seed,
+                args.budget, progress=lambda m: print(f"pop-analyze: {m}", file=sys.stderr, flush=True))
+    return run_command("pop-analyze", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
