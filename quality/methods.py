@@ -114,7 +114,8 @@ class HFRunner:
             return self._forward(ids, cache, state)
 
     @torch.no_grad()
-    def run(self, method: Method, prompt, continuation, greedy_tokens=16) -> Outcome:
+    def prefill(self, method: Method, prompt):
+        """The prompt under this method: (first-token logits, cache, state) ready for decoding."""
         ids = torch.tensor([prompt])
         n = ids.shape[1]
         shallow = n - 1 if method.boundary else n
@@ -126,6 +127,11 @@ class HFRunner:
                 logits = self._forward(ids[:, :shallow], cache, state)[-1]
         if method.boundary:
             logits = self._decode(method, ids[:, -1:], cache, state)[-1]
+        return logits, cache, state
+
+    @torch.no_grad()
+    def run(self, method: Method, prompt, continuation, greedy_tokens=16) -> Outcome:
+        logits, cache, state = self.prefill(method, prompt)
         greedy_cache, greedy_state = copy.deepcopy(cache), dict(state)
 
         cont = torch.tensor([continuation])

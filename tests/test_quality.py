@@ -1,0 +1,188 @@
+"""pop-analyze and pop-eval: importance, ablations, metrics, and their bad inputs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pop.exporter import reference, sources, tiny
+from pop.exporter.families import adapter_for
+from pop.quality import data, fidelity, importance
+from pop.quality.evaluate import evaluate
+from pop.quality.methods import HFRunner, Method, standard_methods
+
+from conftest import EXCERPTS, cli
+
+TEXT = " ".join(p["text"] for p in EXCERPTS)
+SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+
+
+def _prompts(tok, count=3, length=20):
+    return [p for p, _ in data.windows(TEXT, tok, length, 1, count, sources.bos_for(tok))]
+
+
+def test_recommend_rule_by_hand():
+    # suffix sums of prefill importance: K=1 0.5, K=2 0.2, K=3 0.05, K=4 0.01
+    assert importance.recommend([0.5, 0.3, 0.15, 0.04, 0.01], budget=0.05) == 3
+    assert importance.recommend([0.5, 0.3, 0.15, 0.04, 0.01], budget=0.01) == 4
+    assert importance.recommend([0.2, 0.2, 0.2, 0.2, 0.2], budget=0.0) == 5
+    assert importance.recommend([1.0, 0.0, 0.0], budget=0.0) == 1
+
+
+def test_importance_zero_for_a_layer_without_branches_and_stages_differ():
+    model, tok = tiny.build("tiny-llama")
+    dead = 2
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream, by construction
+        model.model.layers[dead].self_attn.o_proj.weight.zero_()
+        model.model.layers[dead].mlp.down_proj.weight.zero_()
+    pre, dec = importance.stage_importance(model, adapter_for(model), _prompts(tok), new_tokens=6)
+    assert pre[dead] == 0.0 and dec[dead] == 0.0
+    live = [l for l in range(6) if l != dead]
+    assert all(dec[l] > 0 for l in live)
+    # the last layer's prefill output reaches no cache and no loss: exactly zero, unlike its decode importance
+    assert pre[-1] == 0.0 and dec[-1] > 0
+    assert all(pre[l] > 0 for l in live[:-1])
+
+
+def test_gates_at_one_are_the_model():
+    model, tok = tiny.build("tiny-gemma3")
+    ids = torch.tensor([_prompts(tok, 1, 20)[0]])
+    ones = torch.ones(6)
+    from pop.exporter.pop import PopDecode
+    loss = importance.gated_loss(PopDecode(adapter_for(model)), ids, 12, ones, ones)
+    with torch.no_grad():
+        logits = model(ids).logits[0, 11:-1]
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, ids[0, 12:]), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    model, tok = tiny.build("tiny-qwen3")
+    return HFRunner(model), tok
+
+
+def test_pop_cache_is_the_kv_projection(runner):
+    run, tok = runner
+    prompt = _prompts(tok, 1, 20)[0]
+    keep = 4
+    pop = Method("pop", tuple(range(keep, 6)))
+    _, cache, _ = run.prefill(pop, prompt)
+    ref = reference.prefill(run.hf, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long), keep)
+    for l in range(6):
+        assert torch.allclose(cache.layers[l].keys[..., :-1, :], ref.layers[l].keys, atol=1e-5)
+        assert torch.allclose(cache.layers[l].values[..., :-1, :], ref.layers[l].values, atol=1e-5)
+    # the first third pruned instead: those layers' caches come from the embeddings
+    first = Method("first", (0, 1))
+    _, cache, _ = run.prefill(first, prompt)
+    h = run.hf.model.embed_tokens(torch.tensor([prompt[:-1]]))
+    for l in (0, 1):
+        k, v = reference._kv_projection(run.hf, l, h, torch.arange(len(prompt) - 1)[None])
+        assert torch.allclose(cache.layers[l].keys[..., :-1, :], k, atol=1e-5)
+
+
+def test_without_kv_projections_the_prompt_entries_are_unseen(runner):
+    """Attention weights of a pruned layer on the prompt's cache entries, at the boundary step."""
+    run, tok = runner
+    prompt = _prompts(tok, 1, 20)[0]
+    n = len(prompt)
+    seen = {}
+
+    def capture(module, args, kwargs, out):
+        seen["weights"] = out[1]
+    for method, expect_zero in ((Method("pop", (4, 5)), False), (Method("no-kv", (4, 5), kv_projection=False), True)):
+        handle = run.layers[5].self_attn.register_forward_hook(capture, with_kwargs=True)
+        try:
+            run.prefill(method, prompt)
+        finally:
+            handle.remove()
+        on_prompt = seen["weights"][0, :, -1, :n - 1]  # boundary query against the n-1 prompt entries
+        assert seen["weights"].shape[-1] == n
+        assert (on_prompt.abs().max() == 0) == expect_zero
+        assert torch.allclose(seen["weights"][0, :, -1].sum(-1), torch.ones(1))
+
+
+def test_identical_methods_score_perfectly(runner):
+    run, tok = runner
+    prompt, cont = data.windows(TEXT, tok, 20, 8, 1)[0]
+    full = run.run(Method("full"), prompt, cont, 6)
+    again = run.run(Method("full again"), prompt, cont, 6)
+    m = fidelity.compare(full, again)
+    assert m["top1_agree"] == 1 and m["kl"] == 0 and m["exact_match"] == 1 and m["common_prefix"] == 6
+    assert fidelity.summarize([m])["perplexity"] == fidelity.summarize([fidelity.compare(full, full)])["perplexity"]
+    # pruning only the last layer is exact: its prefill output reaches nothing
+    last = fidelity.compare(full, run.run(Method("K=L-1", (5,)), prompt, cont, 6))
+    assert last["top1_agree"] == 1 and last["kl"] < 1e-9 and last["exact_match"] == 1
+    # an ablation that does differ scores below 1 somewhere
+    worst = fidelity.compare(full, run.run(Method("first", (0, 1)), prompt, cont, 6))
+    assert worst["kl"] > 1e-4
+
+
+def test_methods_cover_the_papers_ablations():
+    names = [m.name for m in standard_methods(30, [24, 20], 20)]
+    assert names[0] == "full" and "POP K=24" in names and "POP K=20" in names
+    assert sum("ShortGPT" in n for n in names) == sum("without KV" in n for n in names) == 1
+    assert sum("without boundary" in n for n in names) == sum("first third" in n for n in names) == 1
+    first = next(m for m in standard_methods(30, [20], 20) if "first third" in m.name)
+    assert first.prefill_skip == tuple(range(10))
+
+
+def test_eval_on_exported_graphs_matches_pytorch(exports, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    report = evaluate(artifacts=exports("tiny-gemma3"), data_paths=[text], ks=[4], samples=3, prompt_len=20,
+                      continuation=6, greedy_tokens=5, progress=lambda m: None)
+    rows = {r["method"]: r for r in report["data"][0]["results"]}
+    runtime_pop = rows["exported graphs, pop runtime, POP K=4"]
+    runtime_full = rows["exported graphs, pop runtime, full mode"]
+    for key in ("top1_agreement", "greedy_exact_match", "greedy_common_prefix"):
+        assert runtime_pop[key] == rows["POP K=4"][key] and runtime_full[key] == rows["full"][key]
+    assert abs(runtime_pop["perplexity"] - rows["POP K=4"]["perplexity"]) < 1e-3 * rows["POP K=4"]["perplexity"]
+    assert runtime_full["kl_full_to_method"] < 1e-6
+
+
+def test_cli_bad_input(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words.")
+    good = tmp_path / "good.txt"
+    good.write_text(TEXT)
+    for prog in ("pop-eval", "pop-analyze"):
+        for path, needle in ((tmp_path / "missing.txt", "does not exist"), (empty, "is empty"),
+                             (short, "shorter than one window")):
+            run = cli(prog, "--model", "tiny-llama", "--data", path, "--out", tmp_path / "o")
+            assert run.returncode == 2 and needle in run.stderr.strip().splitlines()[-1], run.stderr
+            assert "Traceback" not in run.stderr
+    run = cli("pop-eval", "--model", "tiny-llama", "--data", good, "--prefill-layers", 9, "--out", tmp_path / "o")
+    assert run.returncode == 2 and "--prefill-layers must be in 1..6" in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_writes_reports(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text(TEXT)
+    run = cli("pop-analyze", "--model", "tiny-gemma3", "--data", good, "--samples", 2, "--prompt-len", 16,
+              "--new-tokens", 4, "--out", tmp_path / "a")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "a" / "importance.json").read_text())
+    assert len(report["prefill"]) == len(report["decode"]) == 6 and 1 <= report["recommended_prefill_layers"] <= 6
+    assert report["data"]["sha256"] and report["model"]["sha256"] and "rule" in report
+    assert (tmp_path / "a" / "importance.png").read_bytes()[:4] == b"\x89PNG"
+    run = cli("pop-eval", "--model", "tiny-gemma3", "--data", good, "--samples", 2, "--prompt-len", 16,
+              "--continuation", 4, "--greedy-tokens", 4, "--prefill-layers", 5, 4, "--out", tmp_path / "e", "--json")
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    assert [r["method"] for r in printed["data"][0]["results"]][:3] == ["full", "POP K=5", "POP K=4"]
+    assert (tmp_path / "e" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| full | 1.000 | 0.0000 |" in (tmp_path / "e" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_real_model_pop_beats_shortgpt():
+    text = SHARED_TEXT / "persuasion.txt"  # ../shared/data/text, beside the project as in CI
+    report = evaluate(model="smollm2-135m", data_paths=[text], ks=[20], samples=10, prompt_len=64, continuation=8,
+                      greedy_tokens=8, progress=lambda m: None)
+    rows = {r["method"].split(":")[0]: r for r in report["data"][0]["results"]}
+    pop, short = rows["POP K=20"], rows["ShortGPT-style"]
+    assert pop["top1_agreement"] > short["top1_agreement"]
+    assert pop["kl_full_to_method"] < short["kl_full_to_method"]
