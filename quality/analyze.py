@@ -38,6 +38,7 @@ def plot(path, report):
     ax.axvspan(k - 0.5, len(pre) - 0.5, color="tab:blue", alpha=0.08, label=f"pruned at recommended K={k}")
     ax.axvline(k_default - 0.5, color="grey", ls="--", lw=1, label=f"default K={k_default} (last third)")
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("importance E[(dL/dg)²], share of the stage's total")
     ax.set_title(f"Stage importance: {report['model']['name']} on {Path(report['data']['path']).name} "
                  f"({report['settings']['samples']} samples)")

@@ -129,6 +129,7 @@ def plot(path, report):
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("prefill layers kept (K)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].legend(fontsize=6)
     fig.suptitle(f"Quality against K: {report['model']['name']}")
     fig.tight_layout()

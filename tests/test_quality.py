@@ -180,6 +180,7 @@ def test_cli_writes_reports(tmp_path):
 @pytest.mark.slow
 def test_real_model_pop_beats_shortgpt():
     text = SHARED_TEXT / "persuasion.txt"  # ../shared/data/text, beside the project as in CI
+    assert text.is_file(), f"{text} is missing: the shared text data must sit beside the project"
     report = evaluate(model="smollm2-135m", data_paths=[text], ks=[20], samples=10, prompt_len=64, continuation=8,
                       greedy_tokens=8, progress=lambda m: None)
     rows = {r["method"].split(":")[0]: r for r in report["data"][0]["results"]}
