@@ -83,7 +83,7 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                     **fidelity.summarize(rows[m.name])} for m in methods]
         if session:
             k = session.manifest["pop"]["prefill_layers"]
-            results += [{"method": f"exported graphs, pop runtime, full mode", "prefill_layers": n_layers,
+            results += [{"method": "exported graphs, pop runtime, full mode", "prefill_layers": n_layers,
                          "kind": "runtime", **fidelity.summarize(runtime_rows["full"])},
                         {"method": f"exported graphs, pop runtime, POP K={k}", "prefill_layers": k,
                          "kind": "runtime", **fidelity.summarize(runtime_rows["pop"])}]
