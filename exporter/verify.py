@@ -17,7 +17,6 @@ from . import reference
 # (max |reference value|, at least 1): float rounding grows with magnitude, and
 # real models carry keys and logits in the tens or hundreds.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
-BATCH = 3
 
 
 def verify_lengths(sliding_window, max_seq_len):

@@ -79,7 +79,7 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                     runtime_rows[mode].append(fidelity.compare(full, outcome))
                     bar.update(1)
         bar.close()
-        results = [{"method": m.name, "prefill_layers": m.prefill_layers, "kind": _kind(m),
+        results = [{"method": m.name, "prefill_layers": m.prefill_layers, "kind": m.kind,
                     **fidelity.summarize(rows[m.name])} for m in methods]
         if session:
             k = session.manifest["pop"]["prefill_layers"]
@@ -90,12 +90,6 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
         report["data"].append({"path": str(path), "sha256": sha, "windows": len(windows), "results": results})
     report["seconds"] = time.perf_counter() - started
     return report
-
-
-def _kind(method):
-    if method.name == "full":
-        return "full"
-    return "pop" if method.name == f"POP K={method.prefill_layers}" else "ablation"
 
 
 def markdown(report):

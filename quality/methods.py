@@ -30,6 +30,7 @@ class Method:
     boundary: bool = True
     decode_skip: tuple = ()
     prefill_layers: int | None = None  # K, where the method has one, for plots
+    kind: str = "ablation"  # "full" | "pop" | "ablation": how reports group and plot it
 
 
 def standard_methods(num_layers, ks, default_k):
@@ -37,8 +38,9 @@ def standard_methods(num_layers, ks, default_k):
     pruned = tuple(range(default_k, num_layers))
     first = tuple(range(len(pruned)))
     return [
-        Method("full", prefill_layers=num_layers),
-        *[Method(f"POP K={k}", tuple(range(k, num_layers)), prefill_layers=k) for k in sorted(set(ks), reverse=True)],
+        Method("full", prefill_layers=num_layers, kind="full"),
+        *[Method(f"POP K={k}", tuple(range(k, num_layers)), prefill_layers=k, kind="pop")
+          for k in sorted(set(ks), reverse=True)],
         Method(f"ShortGPT-style: drop {default_k}..{num_layers - 1} in every stage", pruned, decode_skip=pruned,
                prefill_layers=default_k),
         Method(f"POP K={default_k} without KV projections", pruned, kv_projection=False, prefill_layers=default_k),
