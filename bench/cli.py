@@ -1,0 +1,204 @@
+"""pop-bench: time to first token of POP against the full model, decode speed,
+and the same figures for peers, in one run.
+
+    pop-bench artifacts/gemma3-270m-onnx-pop --prompt-lens 128,1024 --batch 1 --json out.json --plot out.png
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pop.runtime.errors import PopError, run_command
+
+from . import cost, measure, peers, report
+
+
+def _ints(name):
+    def parse(text):
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes comma-separated integers, e.g. 128,512") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} is empty")
+        if min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {min(values)}")
+        return values
+    return parse
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="pop-bench", description="Latency of POP against the full model and peers.")
+    p.add_argument("artifacts", help="a folder written by pop-export")
+    p.add_argument("--prompt-lens", type=_ints("--prompt-lens"), default=[128, 512, 1024, 2048])
+    p.add_argument("--batch", type=_ints("--batch"), default=[1, 4])
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (decode is timed over them)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per configuration (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--threads", type=int, default=None, help="threads for every method (default: the usable cores)")
+    p.add_argument("--peers", default="hf,optimum",
+                   help="comma-separated peers to run beside ours: hf, optimum, or none")
+    p.add_argument("--optimum-python", default=None,
+                   help="python of the Optimum virtualenv (default: $POP_OPTIMUM_PYTHON or .venv-optimum)")
+    p.add_argument("--optimum-dir", default=None,
+                   help="where the Optimum export is cached (default: artifacts/optimum/MODEL)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the full report here")
+    p.add_argument("--plot", default=None, help="write the speedup plot here (PNG)")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.command = " ".join(["pop-bench", *argv])
+    return run_command("pop-bench", lambda: bench(args))
+
+
+def _check(args, max_seq_len):
+    if args.new_tokens < 2:
+        raise PopError("--new-tokens must be at least 2, so that decode can be timed")
+    if args.runs < 1 or args.warmup < 0:
+        raise PopError("--runs must be at least 1 and --warmup at least 0")
+    if args.threads is not None and args.threads < 1:
+        raise PopError("--threads must be at least 1")
+    too_long = [n for n in args.prompt_lens if n + args.new_tokens > max_seq_len]
+    if too_long:
+        raise PopError(f"prompt length {too_long[0]} + {args.new_tokens} new tokens exceeds these artifacts' "
+                       f"max_seq_len {max_seq_len}")
+    if any(n < 2 for n in args.prompt_lens):
+        raise PopError("prompt lengths must be at least 2: POP prefills tokens 1..N-1 and runs the last in full")
+    chosen = [] if args.peers.strip() in ("", "none") else [p.strip() for p in args.peers.split(",")]
+    unknown = [p for p in chosen if p not in peers.PEERS]
+    if unknown:
+        raise PopError(f"unknown peer {unknown[0]!r}; use {', '.join(peers.PEERS)} or none")
+    for out, suffix in ((args.json_out, ".json"), (args.plot, ".png")):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise PopError(f"cannot write {out}: its folder does not exist")
+    if args.plot and not args.plot.endswith(".png"):
+        raise PopError("--plot writes a PNG: give a path ending in .png")
+    return chosen
+
+
+def bench(args):
+    from pop.runtime import manifest as manifest_io
+    from pop.runtime.session import PopSession
+
+    manifest = manifest_io.load(args.artifacts)  # fails fast, before anything is timed
+    chosen = _check(args, int(manifest["max_seq_len"]))
+    shapes = cost.Shapes.from_manifest(manifest)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    session = PopSession.load(args.artifacts, threads=threads)
+    tok = manifest["tokenizer"]
+    configs = [(b, n, measure.prompt_ids(session.vocab_size, tok["eos_ids"], b, n,
+                                         tok["bos_id"] if tok.get("add_bos") else None))
+               for b in args.batch for n in args.prompt_lens]
+
+    rows = []
+    total = len(configs) * (args.warmup + args.runs) * (2 + ("hf" in chosen))
+    with tqdm(total=total, desc="pop-bench", unit="run", file=sys.stderr) as bar:
+        for b, n, ids in configs:
+            bar.set_postfix_str(f"batch {b}, prompt {n}")
+            r = measure.measure_runtime(session, ids, args.new_tokens, args.runs, args.warmup, bar.update)
+            expected = cost.expected_speedup(shapes, n)
+            rows.append({"batch": b, "prompt_len": n, "pop_ttft_ms": r["pop_ttft"], "full_ttft_ms": r["full_ttft"],
+                         "speedup": r["speedup"], "expected_speedup": expected,
+                         "measured_over_expected": r["speedup"]["median"] / expected,
+                         "decode_ms_per_token": r["decode_per_token"],
+                         "graphs_ms": {"prefill": r["prefill"], "boundary": r["boundary"],
+                                       "decode_step": r["decode_step"], "full_prefill": r["full_prefill"]},
+                         "flops": {"pop_ttft": cost.ttft(shapes, n, "pop", b), "full_ttft": cost.ttft(shapes, n, "full", b)},
+                         "peak_rss_bytes": r["peak_rss_bytes"], "first_tokens": r["first_tokens"]})
+            bar.write(f"batch {b} prompt {n}: POP {r['pop_ttft']['median']:.1f} ms, full {r['full_ttft']['median']:.1f} ms, "
+                      f"speedup {r['speedup']['median']:.2f} (expected {expected:.2f})")
+        del session  # peers get the memory and the cores to themselves
+        peer_reports = _run_peers(args, chosen, manifest, threads, configs, rows, bar)
+
+    result = {
+        "schema": "pop-bench/1", "model": manifest["model"]["name"], "artifacts": str(Path(args.artifacts).resolve()),
+        "backend": "ort", "device": "cpu", "threads": threads,
+        "machine": {"cpu": _cpu_name(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+        "settings": {"prompt_lens": args.prompt_lens, "batch": args.batch, "new_tokens": args.new_tokens,
+                     "runs": args.runs, "warmup": args.warmup, "prompts": "seeded random token ids (BOS first where the model wants it)"},
+        "pop": {k: manifest["pop"][k] for k in ("num_layers", "prefill_layers", "prune_ratio")},
+        "cost_model": {"shapes": vars(shapes), "limit": cost.limit(shapes), "doc": cost.__doc__.strip()},
+        "versions": manifest["provenance"].get("versions", {}),
+        "command": args.command,
+        "created_unix": int(time.time()),
+        "results": rows, "peers": peer_reports,
+    }
+    print(report.table(result))
+    if args.json_out:
+        _atomic(Path(args.json_out), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    if args.plot:
+        _atomic(Path(args.plot), lambda p: report.plot(result, p))
+    return 0
+
+
+def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
+    ours = {(r["batch"], r["prompt_len"]): r for r in rows}
+    out = []
+    for name in chosen:
+        try:
+            if name == "hf":
+                peer = peers.HFEager(manifest, threads, bar.write)
+                measured = {}
+                for b, n, ids in configs:
+                    bar.set_postfix_str(f"hf-eager, batch {b}, prompt {n}")
+                    measured[(b, n)] = peer.measure(ids, args.new_tokens, args.runs, args.warmup, bar.update)
+                entry = {"name": peers.HFEager.name, "available": True, "versions": peer.versions}
+                del peer
+            else:
+                python = peers.optimum_python(args.optimum_python)
+                export_dir = args.optimum_dir or Path("artifacts") / "optimum" / manifest["model"]["name"]
+                bar.set_postfix_str("optimum-onnx")
+                peer = peers.OptimumOnnx(manifest, threads, python, export_dir, bar.write)
+                measured = peer.measure_all(configs, args.new_tokens, args.runs, args.warmup)
+                entry = {"name": peers.OptimumOnnx.name, "available": True, "versions": peer.versions,
+                         "export": str(Path(export_dir).resolve()), "logits_all_positions": peer.logits_all_positions}
+        except PopError as e:
+            bar.write(f"{name}: not run: {e}")
+            out.append({"name": peers.HFEager.name if name == "hf" else peers.OptimumOnnx.name,
+                        "available": False, "why": str(e)})
+            continue
+        results = []
+        for key, m in measured.items():
+            mine = ours[key]
+            results.append({"batch": key[0], "prompt_len": key[1], "ttft_ms": m["ttft"],
+                            "decode_ms_per_token": m["decode_per_token"], "peak_rss_bytes": m.get("peak_rss_bytes"),
+                            "pop_full_ttft_vs_peer": mine["full_ttft_ms"]["median"] / m["ttft"]["median"],
+                            "pop_ttft_vs_peer": mine["pop_ttft_ms"]["median"] / m["ttft"]["median"],
+                            "pop_decode_vs_peer": (mine["decode_ms_per_token"]["median"] / m["decode_per_token"]["median"]
+                                                   if m["decode_per_token"] else None),
+                            "first_token_agreement": peers.first_token_agreement(mine["first_tokens"].get("full"),
+                                                                                 m.get("first_tokens"))})
+        entry["results"] = results
+        out.append(entry)
+    return out
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

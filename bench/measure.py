@@ -1,0 +1,75 @@
+"""Timing our runtime: POP against full, A/B interleaved in one process.
+
+Each run times both modes back to back on the same prompt, alternating which
+goes first, and the speedup is taken per run pair before the median: drift of
+the machine (frequency, other load) hits both halves of a pair alike.
+"""
+import numpy as np
+
+from pop.runtime.memory import peak_rss_bytes
+
+
+def prompt_ids(vocab_size, specials, batch, length, bos=None, seed=0):
+    """Seeded token ids, [batch, length]: cost depends on shapes, not on content,
+    so every method can be handed the same ids without a tokenizer."""
+    rng = np.random.default_rng([seed, batch, length])
+    ids = rng.integers(3, vocab_size, size=(batch, length), dtype=np.int64)
+    for s in specials:  # an eos inside the prompt would be legal but odd
+        ids[ids == s] = 3
+    if bos is not None:
+        ids[:, 0] = bos
+    return ids
+
+
+def reset_peak_rss():
+    """Restart the kernel's high-water mark (VmHWM), so each configuration reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def stat(values):
+    """Median and spread of a list of numbers (None when empty)."""
+    if not values:
+        return None
+    v = np.asarray(values, dtype=float)
+    return {"median": float(np.median(v)), "p25": float(np.percentile(v, 25)), "p75": float(np.percentile(v, 75)),
+            "min": float(v.min()), "max": float(v.max()), "runs": [float(x) for x in v]}
+
+
+def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None):
+    """POP and full mode on the same ids.  Full-mode runs stop at the first token:
+    the decode steps after it are the same graph at the same shapes as in POP mode."""
+    rows = [list(map(int, r)) for r in ids]
+    samples = {k: [] for k in ("pop_ttft", "full_ttft", "speedup", "prefill", "boundary", "full_prefill",
+                               "decode_step", "decode_per_token")}
+    first_tokens = {}
+    reset = reset_peak_rss()
+    for i in range(warmup + runs):
+        pair = {}
+        for mode in (("pop", "full") if i % 2 == 0 else ("full", "pop")):
+            stats = {}
+            for n, token in enumerate(session.steps(rows, new_tokens if mode == "pop" else 1, mode, stats=stats)):
+                if n == 0:
+                    first_tokens[mode] = [int(t) for t in token]
+            pair[mode] = stats
+            tick()
+        if i < warmup:
+            continue
+        pop, full = pair["pop"], pair["full"]
+        samples["pop_ttft"].append(pop["ttft_ms"])
+        samples["full_ttft"].append(full["ttft_ms"])
+        samples["speedup"].append(full["ttft_ms"] / pop["ttft_ms"])
+        samples["prefill"].append(pop["prefill_ms"])
+        samples["boundary"].append(pop["boundary_ms"])
+        samples["full_prefill"].append(full["prefill_ms"])
+        if pop["decode_ms"]:
+            samples["decode_step"] += pop["decode_ms"]
+            samples["decode_per_token"].append(float(np.mean(pop["decode_ms"])))
+    out = {k: stat(v) for k, v in samples.items()}
+    out["peak_rss_bytes"] = peak_rss_bytes() if reset else None
+    out["first_tokens"] = first_tokens
+    return out

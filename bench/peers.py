@@ -1,0 +1,153 @@
+"""What users run today, on the same weights, prompts and thread count.
+
+* hf-eager: transformers' own `generate`, eager attention, in this process.
+* optimum-onnx: the standard Optimum export (text-generation-with-past) in ONNX
+  Runtime.  Optimum pins an older transformers, so it lives in its own
+  virtualenv (scripts/optimum_venv.sh) and is driven by path through
+  optimum_peer.py; nothing of it is imported here.
+
+A peer that cannot run says why in its row instead of failing the benchmark.
+"""
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pop.runtime.errors import PopError
+
+from pop.runtime.memory import peak_rss_bytes
+
+from .measure import reset_peak_rss, stat
+
+PEERS = ("hf", "optimum")
+PEER_SCRIPT = Path(__file__).with_name("optimum_peer.py")
+
+
+def model_spec(manifest):
+    """(spec for pop.exporter.sources.load, HF folder or None) of the weights the artifacts came from."""
+    src = manifest["model"]["source"]
+    if src["kind"] == "tiny":
+        return src["id"], None
+    if src["kind"] == "gguf":
+        folder = src.get("converted")
+        return (folder if folder and Path(folder, "config.json").exists() else src.get("preset") or src["path"]), folder
+    return src["path"], src["path"]
+
+
+class _Timestamps:
+    """A generate() streamer that only notes when each put() arrives: the first
+    carries the prompt, the second the first new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+class HFEager:
+    name = "hf-eager"
+
+    def __init__(self, manifest, threads, progress=print):
+        import torch
+
+        from pop.exporter import sources
+        torch.set_num_threads(threads)
+        spec, _ = model_spec(manifest)
+        progress(f"hf-eager: loading {spec}")
+        self.model = sources.load(spec, "float32", progress).model
+        self.model.set_attn_implementation("eager")
+        self.pad = manifest["tokenizer"]["pad_id"]
+        self.versions = {"transformers": __import__("transformers").__version__, "torch": torch.__version__}
+
+    def measure(self, ids, new_tokens, runs, warmup, tick=lambda: None):
+        import torch
+        x = torch.from_numpy(ids)
+        ttft, per_token = [], []
+        reset = reset_peak_rss()
+        for i in range(warmup + runs):
+            clock = _Timestamps()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                                          pad_token_id=self.pad)
+            tick()
+            if i >= warmup:
+                t = clock.times
+                ttft.append((t[1] - start) * 1e3)
+                if len(t) > 2:
+                    per_token.append((t[-1] - t[1]) * 1e3 / (len(t) - 2))
+        return {"ttft": stat(ttft), "decode_per_token": stat(per_token),
+                "peak_rss_bytes": peak_rss_bytes() if reset else None,
+                "first_tokens": [int(t) for t in out[:, ids.shape[1]]]}
+
+
+def optimum_python(explicit=None):
+    """The Optimum venv's interpreter: --optimum-python, else $POP_OPTIMUM_PYTHON, else .venv-optimum
+    beside the source or in the working folder.  Raises PopError saying how to make one."""
+    if explicit or os.environ.get("POP_OPTIMUM_PYTHON"):
+        chosen = Path(explicit or os.environ["POP_OPTIMUM_PYTHON"])
+        if not chosen.is_file():
+            raise PopError(f"no Optimum virtualenv python at {chosen}: run `bash scripts/optimum_venv.sh`")
+        return chosen
+    for venv in (Path(__file__).resolve().parents[1] / ".venv-optimum", Path.cwd() / ".venv-optimum"):
+        if (venv / "bin" / "python").is_file():
+            return venv / "bin" / "python"
+    raise PopError("no Optimum virtualenv: run `bash scripts/optimum_venv.sh`, or pass --optimum-python")
+
+
+class OptimumOnnx:
+    """Runs every configuration in one subprocess call, so the model loads once."""
+    name = "optimum-onnx"
+
+    def __init__(self, manifest, threads, python, export_dir, progress=print):
+        self.python, self.threads, self.progress = python, threads, progress
+        _, hf_dir = model_spec(manifest)
+        if hf_dir is None:
+            raise PopError("tiny presets have no saved Hugging Face folder to export with Optimum")
+        self.dir = Path(export_dir)
+        if not (self.dir / "model.onnx").exists():
+            progress(f"optimum-onnx: exporting {hf_dir} to {self.dir} (once)")
+            self._call("export", "--hf-dir", hf_dir, "--out", self.dir)
+
+    def _call(self, *args):
+        cmd = [str(self.python), str(PEER_SCRIPT), *map(str, args)]
+        # stderr passes through: it is the peer's progress
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            raise PopError(f"the Optimum peer failed (exit {out.returncode}): {' '.join(cmd)}")
+        return out.stdout
+
+    def measure_all(self, configs, new_tokens, runs, warmup):
+        """configs: [(batch, length, ids)] -> {(batch, length): row}."""
+        with tempfile.TemporaryDirectory() as tmp:
+            prompts = Path(tmp) / "prompts.json"
+            prompts.write_text(json.dumps({"configs": [{"batch": b, "length": n, "ids": ids.tolist()}
+                                                       for b, n, ids in configs]}))
+            report = json.loads(self._call("run", "--onnx-dir", self.dir, "--prompts", prompts,
+                                           "--new-tokens", new_tokens, "--runs", runs, "--warmup", warmup,
+                                           "--threads", self.threads).strip().splitlines()[-1])
+        self.versions = report.get("versions", {})
+        self.logits_all_positions = report.get("logits_all_positions")
+        rows = {}
+        for r in report["results"]:
+            rows[(r["batch"], r["length"])] = {"ttft": stat(r["ttft_ms"]),
+                                               "decode_per_token": stat(r["decode_ms_per_token"]),
+                                               "peak_rss_bytes": r.get("peak_rss_bytes"),
+                                               "first_tokens": r.get("first_token_ids")}
+        return rows
+
+
+def first_token_agreement(a, b):
+    """Fraction of rows whose first generated token is the same (None when either is missing)."""
+    if not a or not b:
+        return None
+    return float(np.mean([x == y for x, y in zip(a, b)]))

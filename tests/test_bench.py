@@ -1,0 +1,114 @@
+"""pop-bench: the cost model against a hand count, the report's shape, bad arguments.
+
+No timing is asserted here: timings live in benchmarks/.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import cli
+from pop.bench import cost
+from pop.bench.measure import prompt_ids, stat
+from test_bad_input import assert_one_line_error
+
+# hidden 4, 2 query heads and 1 KV head of dim 2, MLP 8, vocab 10, 3 layers, prefill keeps 2
+SMALL = cost.Shapes(hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10, layers=3, keep=2)
+
+
+def matmul(m, k, n):
+    return 2 * m * k * n
+
+
+def hand_layer(tokens, keys):
+    """Every matmul of one layer over `tokens` new tokens attending to `keys` keys, listed by shape."""
+    return (matmul(tokens, 4, 4)        # q: 4 -> 2 heads x 2
+            + 2 * matmul(tokens, 4, 2)  # k, v: 4 -> 1 head x 2
+            + matmul(tokens, 4, 4)      # o: 4 -> 4
+            + 2 * matmul(tokens, 4, 8)  # gate, up
+            + matmul(tokens, 8, 4)      # down
+            + 2 * matmul(tokens, 2, keys)   # scores, per query head (dim 2)
+            + 2 * matmul(tokens, keys, 2))  # probs @ V, per query head
+
+
+def test_cost_model_matches_a_hand_count():
+    n = 3
+    full = 3 * hand_layer(3, 3) + matmul(1, 4, 10)  # all layers over 3 tokens; logits for the last only
+    pop = (2 * hand_layer(2, 2)                     # prefill: 2 kept layers over tokens 1..2
+           + 1 * 2 * matmul(2, 4, 2)                # the pruned layer's K and V heads over them
+           + 3 * hand_layer(1, 3) + matmul(1, 4, 10))  # boundary: last token, full model, 3 keys
+    assert (full, pop) == (3104, 2432)  # the same sums, done on paper
+    assert cost.ttft(SMALL, n, "full") == full
+    assert cost.ttft(SMALL, n, "pop") == pop
+    assert cost.ttft(SMALL, n, "pop", batch=4) == 4 * pop
+    assert cost.expected_speedup(SMALL, n) == pytest.approx(3104 / 2432)
+    assert cost.limit(SMALL) == 1.5
+    # attention grows quadratically, so long prompts approach L/K from below
+    assert cost.expected_speedup(SMALL, 10) < cost.expected_speedup(SMALL, 10_000) < cost.limit(SMALL)
+    # No pruning: the same work, except that dense attention over the split prompt
+    # scores (N-1)^2 + N query-key pairs instead of N^2, in each of the 3 layers.
+    unpruned = cost.Shapes(**{**vars(SMALL), "keep": 3})
+    assert cost.ttft(unpruned, 50, "full") - cost.ttft(unpruned, 50, "pop") == 3 * 49 * (2 * matmul(1, 2, 1)) * 2  # (score + value) x 2 heads
+
+
+def test_stat_and_prompts():
+    s = stat([4.0, 1.0, 3.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["p25"], s["p75"]) == (2.5, 1.0, 4.0, 1.75, 3.25)
+    ids = prompt_ids(100, [2], batch=3, length=50, bos=1)
+    assert ids.shape == (3, 50) and (ids[:, 0] == 1).all() and not (ids[:, 1:] == 2).any()
+    assert np.array_equal(ids, prompt_ids(100, [2], 3, 50, 1))  # every method gets the same prompt
+    assert not np.array_equal(ids[0], ids[1])
+
+
+def test_report_json_and_plot(exports, tmp_path):
+    art = exports("tiny-llama")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    run = cli("pop-bench", art, "--prompt-lens", "8,24", "--batch", "1,2", "--runs", 1, "--warmup", 0,
+              "--new-tokens", 3, "--threads", 1, "--peers", "hf,optimum", "--optimum-python", tmp_path / "none",
+              "--json", out, "--plot", png)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["schema"] == "pop-bench/1" and report["threads"] == 1
+    assert [(r["batch"], r["prompt_len"]) for r in report["results"]] == [(1, 8), (1, 24), (2, 8), (2, 24)]
+    manifest = json.loads((art / "pop_manifest.json").read_text())
+    shapes = cost.Shapes.from_manifest(manifest)
+    for r in report["results"]:
+        for key in ("pop_ttft_ms", "full_ttft_ms", "speedup", "decode_ms_per_token"):
+            assert len(r[key]["runs"]) == 1 and r[key]["median"] > 0, key
+        assert len(r["graphs_ms"]["decode_step"]["runs"]) == 2  # 3 new tokens: the first comes from prefill
+        assert r["expected_speedup"] == pytest.approx(cost.expected_speedup(shapes, r["prompt_len"]))
+        assert r["measured_over_expected"] == pytest.approx(r["speedup"]["median"] / r["expected_speedup"])
+        assert r["flops"]["pop_ttft"] == cost.ttft(shapes, r["prompt_len"], "pop", r["batch"])
+        assert r["peak_rss_bytes"] > 0
+        assert len(r["first_tokens"]["pop"]) == len(r["first_tokens"]["full"]) == r["batch"]
+    hf, optimum = report["peers"]
+    assert hf["name"] == "hf-eager" and hf["available"]
+    assert all(p["first_token_agreement"] == 1.0 for p in hf["results"])  # our full mode vs HF's first token
+    assert all(p["ttft_ms"]["median"] > 0 and p["decode_ms_per_token"]["median"] > 0 for p in hf["results"])
+    assert optimum == {"name": "optimum-onnx", "available": False, "why": optimum["why"]}
+    assert "no Optimum virtualenv python at" in optimum["why"]
+    assert "optimum-onnx: not run" in run.stdout  # the table says so too
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--prompt-lens", ""], "--prompt-lens is empty"),
+    (["--prompt-lens", "128,-4"], "must be positive"),
+    (["--prompt-lens", "1"], "at least 2"),
+    (["--prompt-lens", "64,4090"], "exceeds these artifacts' max_seq_len"),
+    (["--batch", "0"], "must be positive"),
+    (["--new-tokens", "1"], "at least 2"),
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--prompt-lens", "8", "--peers", "vllm"], "unknown peer"),
+])
+def test_bad_arguments(exports, tmp_path, args, needle):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    run = cli("pop-bench", exports("tiny-llama"), *args, "--json", out, "--plot", png)
+    assert run.returncode == 2
+    assert_one_line_error(run, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_artifacts(tmp_path):
+    run = cli("pop-bench", tmp_path / "missing")
+    assert_one_line_error(run, "not a folder of pop artifacts")
