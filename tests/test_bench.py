@@ -112,3 +112,32 @@ def test_bad_arguments(exports, tmp_path, args, needle):
 def test_bad_artifacts(tmp_path):
     run = cli("pop-bench", tmp_path / "missing")
     assert_one_line_error(run, "not a folder of pop artifacts")
+
+
+@pytest.mark.slow
+def test_optimum_peer_on_smollm2(exports, tmp_path):
+    """The Optimum peer for real, in its own venv (scripts/test.sh makes it): exported,
+    run, and its first token equal to our full mode's on the same ids."""
+    python = peers_python()
+    out = tmp_path / "bench.json"
+    run = cli("pop-bench", exports("smollm2-135m"), "--prompt-lens", "24", "--batch", "2", "--runs", 1,
+              "--warmup", 0, "--new-tokens", 4, "--threads", 2, "--peers", "optimum", "--optimum-python", python,
+              "--optimum-dir", tmp_path / "optimum", "--json", out)
+    assert run.returncode == 0, run.stderr
+    (peer,) = json.loads(out.read_text())["peers"]
+    assert peer["available"] and peer["name"] == "optimum-onnx", peer
+    assert peer["logits_all_positions"] is True  # the standard export computes logits over the whole prompt
+    assert peer["versions"]["transformers"].startswith("4.")
+    (row,) = peer["results"]
+    assert row["first_token_agreement"] == 1.0
+    assert row["ttft_ms"]["median"] > 0 and row["decode_ms_per_token"]["median"] > 0
+    assert (tmp_path / "optimum" / "model.onnx").is_file()
+
+
+def peers_python():
+    from pop.bench.peers import optimum_python
+    from pop.runtime.errors import PopError
+    try:
+        return optimum_python()
+    except PopError as e:
+        pytest.fail(f"{e} (scripts/test.sh makes it)")
