@@ -47,6 +47,9 @@ def parser():
                    help="python of the Optimum virtualenv (default: $POP_OPTIMUM_PYTHON or .venv-optimum)")
     p.add_argument("--optimum-dir", default=None,
                    help="where the Optimum export is cached (default: artifacts/optimum/MODEL)")
+    p.add_argument("--prepack-weights", action="store_true",
+                   help="let ONNX Runtime re-lay the weights per graph (as pop-generate's flag): faster at batch > 1, "
+                        "more memory")
     p.add_argument("--json", dest="json_out", default=None, help="write the full report here")
     p.add_argument("--plot", default=None, help="write the speedup plot here (PNG)")
     return p
@@ -92,7 +95,7 @@ def bench(args):
     chosen = _check(args, int(manifest["max_seq_len"]))
     shapes = cost.Shapes.from_manifest(manifest)
     threads = args.threads or len(os.sched_getaffinity(0))
-    session = PopSession.load(args.artifacts, threads=threads)
+    session = PopSession.load(args.artifacts, threads=threads, prepack=args.prepack_weights)
     tok = manifest["tokenizer"]
     configs = [(b, n, measure.prompt_ids(session.vocab_size, tok["eos_ids"], b, n,
                                          tok["bos_id"] if tok.get("add_bos") else None))
@@ -123,7 +126,7 @@ def bench(args):
         "backend": "ort", "device": "cpu", "threads": threads,
         "machine": {"cpu": _cpu_name(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
         "settings": {"prompt_lens": args.prompt_lens, "batch": args.batch, "new_tokens": args.new_tokens,
-                     "runs": args.runs, "warmup": args.warmup, "prompts": "seeded random token ids (BOS first where the model wants it)"},
+                     "runs": args.runs, "warmup": args.warmup, "prepack_weights": args.prepack_weights, "prompts": "seeded random token ids (BOS first where the model wants it)"},
         "pop": {k: manifest["pop"][k] for k in ("num_layers", "prefill_layers", "prune_ratio")},
         "cost_model": {"shapes": vars(shapes), "limit": cost.limit(shapes), "doc": cost.__doc__.strip()},
         "versions": manifest["provenance"].get("versions", {}),
