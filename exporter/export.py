@@ -54,9 +54,31 @@ def _versions():
     return out
 
 
-def _tokenizer_section(tok, hf_model, directory: Path):
+def _positions_section(adapter):
+    if adapter.position_axes == 3:
+        return {"axes": 3, "rule": "M-RoPE (t, h, w): text advances all three; an image's tokens take its grid "
+                                   "coordinates offset by the text before it; see pop.runtime.vision.qwen3_vl",
+                "decode": "the largest prompt position + 1, then + 1 per token, the same on all axes"}
+    return {"axes": 1, "rule": "per row, cumsum(attention_mask) - 1; padded slots get 1"}
+
+
+def _vision_section(adapter, processor):
+    if processor is None:
+        raise PopError("this VLM was loaded without its processor (preprocessor_config.json), which runtimes need")
+    from .pop import extra_inputs
+    return {**adapter.vision_spec(processor), "graph": "vision",
+            "merge": {"inputs": extra_inputs(adapter),
+                      "rule": "image_embeds rows replace the embeddings of image_token_id tokens, in reading "
+                              "order; image_index holds their flat b*T+t positions among the new tokens"},
+            "bidirectional_images": adapter.bidirectional_images}
+
+
+def _tokenizer_section(tok, hf_model, directory: Path, processor=None):
     sub = directory / "tokenizer"
     tok.save_pretrained(sub)
+    template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+    if template:
+        (sub / "chat_template.jinja").write_text(template)
     if not (sub / "tokenizer.json").exists():
         raise PopError("this model's tokenizer has no fast (tokenizer.json) form, which runtimes need")
     add_bos = sources.bos_for(tok) is not None
@@ -66,7 +88,7 @@ def _tokenizer_section(tok, hf_model, directory: Path):
         eos.append(tok.eos_token_id)
     return {"file": "tokenizer/tokenizer.json", "config": "tokenizer/tokenizer_config.json", "add_bos": add_bos,
             "bos_id": tok.bos_token_id, "eos_ids": eos, "pad_id": tok.pad_token_id,
-            "has_chat_template": bool(getattr(tok, "chat_template", None))}
+            "chat_template": "tokenizer/chat_template.jinja" if template else None}
 
 
 def _kv_section(adapter, keep, dtype):
@@ -116,7 +138,10 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
     hf = loaded.model
     adapter = adapter_for(hf)
     keep = kept_layers(adapter.num_layers, prefill_layers, prune_ratio)
-    limit = getattr(hf.config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
+    if keep <= adapter.deepstack_layers:
+        raise PopError(f"this model adds visual features after layers 0..{adapter.deepstack_layers - 1} (DeepStack); "
+                       f"the prefill must keep them all and one more: --prefill-layers > {adapter.deepstack_layers}")
+    limit = getattr(adapter.cfg, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
     max_seq_len = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit)
     if not 2 <= max_seq_len <= limit:
         raise PopError(f"--max-seq-len must be in 2..{limit} for this model, got {max_seq_len}")
@@ -132,6 +157,7 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
         trace_s = time.perf_counter() - t
         progress("writing one shared weights file for both graphs")
         stored = to_onnx.save_shared(graphs, tmp)
+        graphs_written = list(graphs)
         del graphs
         param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         manifest = {
@@ -145,16 +171,14 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
                     "prune_ratio": (adapter.num_layers - keep) / adapter.num_layers},
             "dtype": DTYPES[dtype],
             "max_seq_len": max_seq_len,
-            # Text models: one position axis, fed as token ids.  VLMs will declare
-            # 3 axes (M-RoPE) and an inputs_embeds token input here.
-            "positions": {"axes": 1, "rule": "per row, cumsum(attention_mask) - 1; padded slots get 1"},
+            "positions": _positions_section(adapter),
             "kv_cache": _kv_section(adapter, keep, DTYPES[dtype]),
             "graphs": {name: {"file": f"{name}.onnx", "format": "onnx", "opset": to_onnx.OPSET,
-                              **to_onnx.describe_io(tmp / f"{name}.onnx")} for name in ("prefill", "decode")},
+                              **to_onnx.describe_io(tmp / f"{name}.onnx")} for name in graphs_written},
             "weights": {"file": to_onnx.WEIGHTS, "bytes": (tmp / to_onnx.WEIGHTS).stat().st_size,
                         "unique_tensors": stored["unique_tensors"],
                         "referenced_bytes": stored["referenced_bytes"], "stored_bytes": stored["stored_bytes"]},
-            "tokenizer": _tokenizer_section(loaded.tokenizer, hf, tmp),
+            "tokenizer": _tokenizer_section(loaded.tokenizer, hf, tmp, loaded.processor),
             "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
             "engines": {},
         }
@@ -162,6 +186,9 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
             g["token_input"] = "input_ids"
         manifest["graphs"]["prefill"]["role"] = "prompt tokens 1..N-1: layers < K, KV heads for layers >= K"
         manifest["graphs"]["decode"]["role"] = "full model over T >= 1 new tokens after a past cache"
+        if adapter.image_inputs:
+            manifest["graphs"]["vision"]["role"] = "images -> embeddings of their placeholder tokens"
+            manifest["vision"] = _vision_section(adapter, loaded.processor)
         manifest["provenance"] = {"command": command, "versions": _versions(), "created_unix": int(time.time()), "trace_seconds": trace_s}
         manifest_io.write(tmp, manifest)  # provisional, so the runtime can read the folder while we verify
 
@@ -170,7 +197,7 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
             progress("verification skipped (--skip-verify)")
         else:
             from .verify import verify
-            report = verify(hf, adapter, keep, tmp, manifest, DTYPES[dtype], threads, progress)
+            report = verify(hf, adapter, keep, tmp, manifest, DTYPES[dtype], threads, progress, loaded.processor)
             manifest["verification"] = report
             if not report["passed"]:
                 raise PopError(f"verification failed: the ONNX graphs differ from the PyTorch reference "

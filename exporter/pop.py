@@ -20,20 +20,27 @@ from torch import nn
 from .families.llama import apply_rope
 
 
-def key_mask(attention_mask, past_len, new_len, window):
+def key_mask(attention_mask, past_len, new_len, window, groups=None):
     """[B, 1, 1, T, P+T] bool: causal, padding-aware, optionally sliding.
 
     attention_mask is [P+T, B] over cache slots (1 = a real token).  Slot indices
     are the distances HF uses for sliding windows, so left padding counts.
+    groups, when given, is [P+T, B]: tokens of one image share a number > 0 and
+    see each other in both directions, still within the window (HF's Gemma-3
+    rule: sliding AND (causal OR same image)).
     """
     total = attention_mask.shape[0]
     q_idx = torch.arange(new_len, device=attention_mask.device) + past_len
     k_idx = torch.arange(total, device=attention_mask.device)
-    allowed = k_idx[None, :] <= q_idx[:, None]
+    allowed = (k_idx[None, :] <= q_idx[:, None])[None]  # [1, T, P+T]
+    if groups is not None:
+        gk = groups.transpose(0, 1)  # [B, P+T]
+        gq = gk[:, past_len:]
+        allowed = allowed | ((gq[:, :, None] == gk[:, None, :]) & (gq[:, :, None] > 0))
     if window is not None:
-        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)
+        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)[None]
     real = attention_mask.transpose(0, 1).bool()
-    return allowed[None, None, None, :, :] & real[:, None, None, None, :]
+    return (allowed & real[:, None, :])[:, None, None]
 
 
 def attend(q, k, v, past_k, past_v, mask, scale, softcap=None):
@@ -64,19 +71,61 @@ def attend(q, k, v, past_k, past_v, mask, scale, softcap=None):
     return out.permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
 
 
+def extra_inputs(adapter):
+    """Graph inputs after ids, positions and mask, in order, for this family.
+
+    token_groups      [P+T, B]   image number per slot, 0 for text (bidirectional images)
+    image_embeds      [M, H]     vision features of the image tokens among the new ones
+    image_index       [M]        where they go: flat index b*T + t into the new tokens
+    deepstack_embeds  [n, M, H]  added after layers 0..n-1 at the same places
+    Text-only steps pass M = 0.
+    """
+    names = ["token_groups"] if adapter.bidirectional_images else []
+    if adapter.image_inputs:
+        names += ["image_embeds", "image_index"]
+    if adapter.deepstack_layers:
+        names.append("deepstack_embeds")
+    return names
+
+
+def _scatter(h, index, rows, add=False):
+    """h [B,T,H] with rows [M,H] written (or added) at flat token positions index [M]."""
+    b, t, d = h.shape
+    flat = h.reshape(b * t, d)
+    flat = flat.index_add(0, index, rows.to(h.dtype)) if add else flat.index_copy(0, index, rows.to(h.dtype))
+    return flat.reshape(b, t, d)
+
+
 class _PopGraph(nn.Module):
     def __init__(self, adapter):
         super().__init__()
         self.ad = adapter
         self.hf = adapter.hf  # registered so initializer names are the HF parameter names
+        self.extras = extra_inputs(adapter)
+
+    def _split(self, rest):
+        """(extra inputs by name, the remaining positional inputs)."""
+        n = len(self.extras)
+        return dict(zip(self.extras, rest[:n])), rest[n:]
+
+    def _embed(self, input_ids, mm):
+        h = self.ad.embed(input_ids)
+        if "image_embeds" in mm:
+            h = _scatter(h, mm["image_index"], mm["image_embeds"])
+        return h
+
+    def _deepstack(self, l, h, mm):
+        if l < self.ad.deepstack_layers:
+            h = _scatter(h, mm["image_index"], mm["deepstack_embeds"][l], add=True)
+        return h
 
     def _ropes(self, position_ids, like):
         kinds = {self.ad.rope_kind(l) for l in range(self.ad.num_layers)}
         return {kind: self.ad.rope(kind, position_ids, like) for kind in sorted(kinds)}
 
-    def _masks(self, attention_mask, past_len, new_len):
+    def _masks(self, attention_mask, past_len, new_len, mm):
         windows = {self.ad.sliding_window(l) for l in range(self.ad.num_layers)}
-        return {w: key_mask(attention_mask, past_len, new_len, w) for w in windows}
+        return {w: key_mask(attention_mask, past_len, new_len, w, mm.get("token_groups")) for w in windows}
 
     def layer(self, l, h, rope, masks, past_k, past_v, gate=None):
         """One full decoder layer; returns the new h and this layer's new K/V.
@@ -114,17 +163,22 @@ class PopPrefill(_PopGraph):
         super().__init__(adapter)
         if not 1 <= keep_layers <= adapter.num_layers:
             raise ValueError(f"keep_layers must be in 1..{adapter.num_layers}, got {keep_layers}")
+        if keep_layers <= adapter.deepstack_layers:
+            # the KV heads read h after layer K-1; every layer that takes visual input must run before it
+            raise ValueError(f"keep_layers must exceed the {adapter.deepstack_layers} DeepStack layers, got {keep_layers}")
         self.keep = keep_layers
 
-    def forward(self, input_ids, position_ids, attention_mask):
-        h = self.ad.embed(input_ids)
+    def forward(self, input_ids, position_ids, attention_mask, *extra):
+        mm, _ = self._split(extra)
+        h = self._embed(input_ids, mm)
         b, t = input_ids.shape
         rope = self._ropes(position_ids, h)
-        masks = self._masks(attention_mask, 0, t)
+        masks = self._masks(attention_mask, 0, t, mm)
         empty = h.new_zeros(0, b, self.ad.num_kv_heads, self.ad.head_dim)
         presents = []
         for l in range(self.keep):
             h, k, v = self.layer(l, h, rope, masks, empty, empty)
+            h = self._deepstack(l, h, mm)
             presents += [seq_major(k), seq_major(v)]
         for l in range(self.keep, self.ad.num_layers):
             k, v = self.kv_head(l, h, rope)
@@ -133,13 +187,15 @@ class PopPrefill(_PopGraph):
 
 
 class PopDecode(_PopGraph):
-    def forward(self, input_ids, position_ids, attention_mask, *past):
-        h = self.ad.embed(input_ids)
+    def forward(self, input_ids, position_ids, attention_mask, *rest):
+        mm, past = self._split(rest)
+        h = self._embed(input_ids, mm)
         past_len = past[0].shape[0]
         rope = self._ropes(position_ids, h)
-        masks = self._masks(attention_mask, past_len, input_ids.shape[1])
+        masks = self._masks(attention_mask, past_len, input_ids.shape[1], mm)
         presents = []
         for l in range(self.ad.num_layers):
             h, k, v = self.layer(l, h, rope, masks, past[2 * l], past[2 * l + 1])
+            h = self._deepstack(l, h, mm)
             presents += [seq_major(k), seq_major(v)]
         return (self.ad.logits(h[:, -1]), *presents)

@@ -16,10 +16,17 @@ def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def text_parts(hf_model):
+    """(text config, decoder body): VLMs keep their language model one level down."""
+    if hasattr(hf_model.model, "language_model"):
+        return hf_model.config.get_text_config(), hf_model.model.language_model
+    return hf_model.config, hf_model.model
+
+
 def _rotary(hf_model, layer_idx, h, position_ids):
-    body = hf_model.model
-    types = getattr(hf_model.config, "layer_types", None)
-    rope_params = getattr(hf_model.config, "rope_parameters", None) or {}
+    config, body = text_parts(hf_model)
+    types = getattr(config, "layer_types", None)
+    rope_params = getattr(config, "rope_parameters", None) or {}
     if types and types[layer_idx] in rope_params:  # per-layer-type RoPE (Gemma-3)
         return body.rotary_emb(h, position_ids, types[layer_idx])
     return body.rotary_emb(h, position_ids)
@@ -28,7 +35,7 @@ def _rotary(hf_model, layer_idx, h, position_ids):
 def _kv_projection(hf_model, layer_idx, h, position_ids):
     """k = RoPE(knorm(W_k norm(h))), v = W_v norm(h), as HF's attention module would."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    layer = hf_model.model.layers[layer_idx]
+    layer = text_parts(hf_model)[1].layers[layer_idx]
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
@@ -43,22 +50,25 @@ def _kv_projection(hf_model, layer_idx, h, position_ids):
 
 
 @torch.no_grad()
-def prefill(hf_model, input_ids, attention_mask, keep: int):
+def prefill(hf_model, input_ids, attention_mask, keep: int, pos=None, **images):
     """Shallow prefill of all tokens given.  Returns an HF DynamicCache.
 
     The deep layers still run inside HF's forward (that is the simplest way to let
     HF build its own cache objects); their cache entries are then replaced by the
     independent KV projections of the hidden state leaving layer keep-1.
+    VLMs pass their image inputs (pixel_values, grids, token types) as HF names
+    them, and their positions (M-RoPE) from HF's own rule.
     """
-    num_layers = hf_model.config.num_hidden_layers
-    cache = DynamicCache(config=hf_model.config)
+    config, body = text_parts(hf_model)
+    num_layers = config.num_hidden_layers
+    cache = DynamicCache(config=config)
     captured = {}
-    hook = hf_model.model.layers[keep - 1].register_forward_hook(
+    hook = body.layers[keep - 1].register_forward_hook(
         lambda m, a, out: captured.__setitem__("h", _layer_output(out)))
-    pos = positions(attention_mask)
+    pos = positions(attention_mask) if pos is None else pos
     try:
         hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                 past_key_values=cache, use_cache=True)
+                 past_key_values=cache, use_cache=True, **images)
     finally:
         hook.remove()
     for l in range(keep, num_layers):
@@ -70,9 +80,9 @@ def prefill(hf_model, input_ids, attention_mask, keep: int):
 
 
 @torch.no_grad()
-def step(hf_model, tokens, attention_mask, cache):
+def step(hf_model, tokens, attention_mask, cache, pos=None):
     """Full model over new tokens after the cache; returns last-position logits."""
-    pos = positions(attention_mask)[:, -tokens.shape[1]:]
+    pos = positions(attention_mask)[:, -tokens.shape[1]:] if pos is None else pos
     out = hf_model(input_ids=tokens, attention_mask=attention_mask, position_ids=pos,
                    past_key_values=cache, use_cache=True)
     return out.logits[:, -1].float()
@@ -83,12 +93,13 @@ def generate(hf_model, input_ids, attention_mask=None, keep=None, max_new_tokens
     """Greedy POP generation.  keep=None (or L) is the unpruned model."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    keep = keep or hf_model.config.num_hidden_layers
+    config = text_parts(hf_model)[0]
+    keep = keep or config.num_hidden_layers
     n = input_ids.shape[1]
     if n > 1:
         cache = prefill(hf_model, input_ids[:, :-1], attention_mask[:, :-1], keep)
     else:
-        cache = DynamicCache(config=hf_model.config)
+        cache = DynamicCache(config=config)
     tokens, mask = input_ids[:, -1:], attention_mask
     out = []
     for _ in range(max_new_tokens):
@@ -104,3 +115,33 @@ def generate(hf_model, input_ids, attention_mask=None, keep=None, max_new_tokens
 def cache_tensors(cache):
     """[(k, v)] per layer in the graphs' layout, [seq, batch, heads, head_dim]."""
     return [(layer.keys.permute(2, 0, 1, 3), layer.values.permute(2, 0, 1, 3)) for layer in cache.layers]
+
+
+@torch.no_grad()
+def generate_with_images(hf_model, inputs, keep, max_new_tokens=16, eos_ids=()):
+    """Greedy POP generation for a VLM, from its HF processor's output (one or more rows).
+
+    Positions follow HF: Qwen3-VL's get_rope_index (M-RoPE) for the prompt, then
+    one more per token on every axis; other families count real tokens.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    types = inputs.get("mm_token_type_ids", inputs.get("token_type_ids"))
+    if hasattr(hf_model.model, "get_rope_index"):
+        pos = hf_model.model.get_rope_index(ids, types, images.get("image_grid_thw"), attention_mask=mask)[0]
+        images["mm_token_type_ids"] = types[:, :-1]
+    else:
+        pos = positions(mask)
+        if "pixel_values" in images:
+            images["token_type_ids"] = types[:, :-1]
+    cache = prefill(hf_model, ids[:, :-1], mask[:, :-1], keep, pos[..., :-1], **images)
+    tokens, step_pos, out = ids[:, -1:], pos[..., -1:], []
+    for _ in range(max_new_tokens):
+        logits = step(hf_model, tokens, mask, cache, step_pos)
+        tokens = logits.argmax(-1, keepdim=True)
+        out.append(int(tokens[0, 0]))
+        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+        step_pos = step_pos + 1
+        if int(tokens[0, 0]) in eos_ids:
+            break
+    return out

@@ -21,6 +21,7 @@ HUB_PRESETS = {
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
     "gemma-3-12b": "google/gemma-3-12b-it",
     "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct",
 }
 PACKAGE_PRESETS = ("gemma3-270m", "smollm2-135m")
 
@@ -35,6 +36,7 @@ class Loaded:
     model: object
     tokenizer: object
     source: dict = field(default_factory=dict)  # provenance for the manifest
+    processor: object = None  # VLMs: the HF processor (images, placeholders, chat template)
 
 
 def bos_for(tokenizer):
@@ -77,11 +79,17 @@ def _smollm2_gguf() -> Path:
 
 
 def _from_dir(path, dtype, **kw):
+    """(model, tokenizer, processor or None) from a local HF folder."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    if "gguf_file" not in kw and hasattr(AutoConfig.from_pretrained(path), "vision_config"):
+        from transformers import AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        processor = AutoProcessor.from_pretrained(path)
+        return model, processor.tokenizer, processor
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kw).eval()
     tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kw.items() if k == "gguf_file"})
-    return model, tok
+    return model, tok, None
 
 
 def _from_gguf(path: Path, dtype: str, progress=print):
@@ -89,7 +97,7 @@ def _from_gguf(path: Path, dtype: str, progress=print):
     cached = cache_root() / "converted" / digest[:16]
     if not (cached / "config.json").exists():
         progress(f"converting {path.name} to an HF checkpoint (once; cached in {cached})")
-        model, tok = _from_dir(str(path.parent), "float32", gguf_file=path.name)
+        model, tok, _ = _from_dir(str(path.parent), "float32", gguf_file=path.name)
         # The dequantized weights are plain tensors: drop the GGUF marker so the
         # cached copy loads as an ordinary checkpoint.
         if hasattr(model.config, "quantization_config"):
@@ -103,7 +111,7 @@ def _from_gguf(path: Path, dtype: str, progress=print):
             os.replace(tmp, cached)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    model, tok = _from_dir(str(cached), dtype)
+    model, tok, _ = _from_dir(str(cached), dtype)
     return model, tok, {"kind": "gguf", "path": str(path), "sha256": digest, "converted": str(cached)}
 
 
@@ -116,21 +124,22 @@ def _from_hub_cache(repo_id: str, dtype: str):
         raise PopError(f"{repo_id} is not in the local Hugging Face cache; on a machine with access run "
                        f"`hf download {repo_id}` (or copy the folder) and pass --model {repo_id} "
                        f"or the folder's path") from None
-    model, tok = _from_dir(path, dtype)
-    return model, tok, {"kind": "hub-cache", "id": repo_id, "path": path}
+    model, tok, processor = _from_dir(path, dtype)
+    return model, tok, processor, {"kind": "hub-cache", "id": repo_id, "path": path}
 
 
 def load(spec: str, dtype: str = "float32", progress=print) -> Loaded:
     if spec in tiny.NAMES:
-        model, tok = tiny.build(spec)
-        return Loaded(spec, model.to(getattr(__import__("torch"), dtype)), tok, {"kind": "tiny", "id": spec, "seed": 0})
+        model, tok, processor = tiny.build(spec)
+        return Loaded(spec, model.to(getattr(__import__("torch"), dtype)), tok, {"kind": "tiny", "id": spec, "seed": 0},
+                      processor)
     if spec in PACKAGE_PRESETS:
         gguf = _gemma3_270m_gguf() if spec == "gemma3-270m" else _smollm2_gguf()
         model, tok, src = _from_gguf(gguf, dtype, progress)
         return Loaded(spec, model, tok, {**src, "preset": spec})
     if spec in HUB_PRESETS:
-        model, tok, src = _from_hub_cache(HUB_PRESETS[spec], dtype)
-        return Loaded(spec, model, tok, {**src, "preset": spec})
+        model, tok, processor, src = _from_hub_cache(HUB_PRESETS[spec], dtype)
+        return Loaded(spec, model, tok, {**src, "preset": spec}, processor)
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
         model, tok, src = _from_gguf(path, dtype, progress)
@@ -138,10 +147,10 @@ def load(spec: str, dtype: str = "float32", progress=print) -> Loaded:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise PopError(f"{path} is not a Hugging Face model folder (no config.json)")
-        model, tok = _from_dir(str(path), dtype)
-        return Loaded(path.name, model, tok, {"kind": "dir", "path": str(path.resolve())})
+        model, tok, processor = _from_dir(str(path), dtype)
+        return Loaded(path.name, model, tok, {"kind": "dir", "path": str(path.resolve())}, processor)
     if "/" in spec and not path.exists() and spec.count("/") == 1:
-        model, tok, src = _from_hub_cache(spec, dtype)
-        return Loaded(spec.split("/")[1], model, tok, src)
+        model, tok, processor, src = _from_hub_cache(spec, dtype)
+        return Loaded(spec.split("/")[1], model, tok, src, processor)
     raise PopError(f"unknown model {spec!r}: not a preset ({', '.join(preset_names())}), "
                    f"a local HF folder, a .gguf file or a hub id")

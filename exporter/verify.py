@@ -68,7 +68,84 @@ def _compare_logits(logits, ref, report, what):
     report[f"{what}_argmax_equal"] = bool((logits.argmax(-1) == ref.argmax(-1)).all())
 
 
-def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=None, progress=print):
+class _TextRequest:
+    """Random token prompts, left-padded: positions by the text rule, no images."""
+
+    def __init__(self, adapter, manifest):
+        windows = [adapter.sliding_window(l) for l in range(adapter.num_layers)]
+        self.lengths = verify_lengths(max((w for w in windows if w), default=None), manifest["max_seq_len"])
+        self.ids, self.mask = _inputs(adapter.cfg.vocab_size, self.lengths)
+        self.pos = reference.positions(self.mask)
+        self.report = {"prompt_lengths": self.lengths}
+
+    def hf_images(self, end):
+        return {}
+
+    def extra(self, window, end):
+        return None
+
+
+class _ImageRequest:
+    """Prompts with images of different sizes (two in the first row), built by the
+    model's own HF processor; the vision graph's output is checked against HF's
+    image features, and then feeds the prefill and decode graphs."""
+
+    def __init__(self, hf_model, adapter, manifest, backend, processor, report):
+        from PIL import Image
+
+        from pop.runtime.multimodal import Multimodal
+        spec = manifest["vision"]
+        rng = np.random.default_rng(0)
+        images = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+                  for sizes in (((70, 45), (40, 96)), ((64, 64),))]
+        ph = spec["image_token"] if spec["family"] == "gemma3" else "<|vision_start|><|image_pad|><|vision_end|>"
+        texts = [f"Look: {ph} and then {ph}, compare the two pictures.", f"One more {ph} to describe"]
+        inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+        self.ids, self.mask = inputs["input_ids"], inputs["attention_mask"]
+        self.images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        self.types = inputs.get("mm_token_type_ids", inputs.get("token_type_ids"))
+        self.qwen = spec["family"] == "qwen3_vl"
+        if self.qwen:
+            self.pos = hf_model.model.get_rope_index(self.ids, self.types, self.images["image_grid_thw"],
+                                                     attention_mask=self.mask)[0]
+        else:
+            self.pos = reference.positions(self.mask)
+        self.lengths = self.mask.sum(-1).tolist()
+        self.report = {"prompt_lengths": self.lengths, "image_tokens": int((self.types == 1).sum())}
+
+        self.mm = Multimodal(spec, backend, manifest)
+        pixels = self.images["pixel_values"].float().numpy().astype(self.mm.dtype)
+        if self.qwen:
+            grids = self.images["image_grid_thw"].numpy()
+            state = {"feeds": {"pixel_values": pixels, **self.mm.images.vision_inputs(grids)}, "grids": grids}
+        else:
+            state = {"feeds": {"pixel_values": pixels}, "grids": None}
+        self.encoded, _ = self.mm.encode(state)
+        with torch.no_grad():
+            ref = hf_model.model.get_image_features(**self.images, return_dict=True)
+        ref_embeds = ref.pooler_output
+        ref_embeds = torch.cat(ref_embeds) if isinstance(ref_embeds, (tuple, list)) else ref_embeds
+        ref_embeds = ref_embeds.reshape(-1, ref_embeds.shape[-1]).float().numpy()
+        report["vision_max_abs"] = _max_diff(self.encoded["image_embeds"], ref_embeds)
+        report["vision_scale"] = max(1.0, _scale(ref_embeds))
+        if self.qwen:
+            deep = np.stack([torch.cat(f).float().numpy() for f in ref.deepstack_features])
+            report["deepstack_max_abs"] = _max_diff(self.encoded["deepstack_embeds"], deep)
+            report["deepstack_scale"] = max(1.0, _scale(deep))
+        groups = self.mm.groups(self.ids.numpy(), self.mask.numpy())
+        self.groups = None if groups is None else np.ascontiguousarray(groups.T)
+
+    def hf_images(self, end):
+        """HF's image inputs for a forward over tokens [:end] (all images lie before the last token)."""
+        key = "mm_token_type_ids" if self.qwen else "token_type_ids"
+        return {**self.images, key: self.types[:, :end]}
+
+    def extra(self, window, end):
+        groups = None if self.groups is None else np.ascontiguousarray(self.groups[:end])
+        return self.mm.feeds(np.ascontiguousarray(window), self.encoded, groups)
+
+
+def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=None, progress=print, processor=None):
     """Returns a report of max abs differences; the caller acts on report["passed"].
 
     The graphs are driven through the runtime's own bindings (pop.runtime.kv),
@@ -77,12 +154,14 @@ def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=Non
     tolerance, and then either order is correct.
     """
     backend = OrtBackend(directory, manifest, threads)
-    windows = [adapter.sliding_window(l) for l in range(adapter.num_layers)]
-    window = max((w for w in windows if w), default=None)
-    lengths = verify_lengths(window, manifest["max_seq_len"])
-    ids, mask = _inputs(adapter.cfg.vocab_size, lengths)
+    report = {"tolerance": TOLERANCE[dtype_name]}
+    if adapter.image_inputs:
+        progress("verify: vision graph against HF's image features")
+        req = _ImageRequest(hf_model, adapter, manifest, backend, processor, report)
+    else:
+        req = _TextRequest(adapter, manifest)
+    ids, mask, pos = req.ids, req.mask, req.pos
     b, n = ids.shape
-    pos = reference.positions(mask)
     ids_np, pos_np = ids.numpy(), pos.numpy()
     real = np.ascontiguousarray(mask.numpy().T).astype(bool)  # [slot, batch]; padded slots are don't-care
     names = layer_names(manifest)
@@ -93,29 +172,33 @@ def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=Non
         kv = KVBuffer(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, n, manifest["kv_cache"]["dtype"], b)
         kv.mask[:] = real
         return kv
-    report = {"batch": b, "prompt_lengths": lengths, "tolerance": TOLERANCE[dtype_name]}
 
-    progress(f"verify: prefill graph, batch {b}, prompt lengths {lengths}")
+    def window(a, start, end):
+        return np.ascontiguousarray(a[..., start:end])
+    report.update({"batch": b, **req.report})
+
+    progress(f"verify: prefill graph, batch {b}, prompt lengths {req.lengths}")
     kv = fresh_kv()
-    backend.run("prefill", *prefill_io(kv, names, np.ascontiguousarray(ids_np[:, :-1]),
-                                       np.ascontiguousarray(pos_np[:, :-1]), n - 1))
-    ref_cache = reference.prefill(hf_model, ids[:, :-1], mask[:, :-1], keep)
+    backend.run("prefill", *prefill_io(kv, names, window(ids_np, 0, n - 1), window(pos_np, 0, n - 1), n - 1,
+                                       req.extra(ids_np[:, :n - 1], n - 1)))
+    ref_cache = reference.prefill(hf_model, ids[:, :-1], mask[:, :-1], keep, pos[..., :-1], **req.hf_images(n - 1))
     _compare_cache(kv, ref_cache, n - 1, real, report, "prefill_kv")
 
     progress("verify: decode graph at the boundary (past from the prefill graph)")
-    backend.run("decode", *decode_io(kv, names, np.ascontiguousarray(ids_np[:, -1:]),
-                                     np.ascontiguousarray(pos_np[:, -1:]), n - 1, 1, logits))
-    _compare_logits(logits, reference.step(hf_model, ids[:, -1:], mask, ref_cache).numpy(), report, "boundary_logits")
+    backend.run("decode", *decode_io(kv, names, window(ids_np, n - 1, n), window(pos_np, n - 1, n), n - 1, 1, logits,
+                                     req.extra(ids_np[:, n - 1:], n)))
+    _compare_logits(logits, reference.step(hf_model, ids[:, -1:], mask, ref_cache, pos[..., -1:]).numpy(), report,
+                    "boundary_logits")
 
     progress("verify: decode graph over the whole prompt with an empty past (full mode)")
     kv = fresh_kv()
-    backend.run("decode", *decode_io(kv, names, ids_np, pos_np, 0, n, logits))
+    backend.run("decode", *decode_io(kv, names, ids_np, pos_np, 0, n, logits, req.extra(ids_np, n)))
     with torch.no_grad():
-        hf_out = hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        hf_out = hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **req.hf_images(n))
     _compare_logits(logits, hf_out.logits[:, -1].float().numpy(), report, "full_logits")
     _compare_cache(kv, hf_out.past_key_values, n, real, report, "full_kv")
 
     tol = report["tolerance"]
-    report["passed"] = all(report[f"{what}_max_abs"] <= tol * max(1.0, report[f"{what}_scale"])
-                           for what in ("prefill_kv", "boundary_logits", "full_logits", "full_kv"))
+    checked = [k[:-len("_max_abs")] for k in report if k.endswith("_max_abs")]
+    report["passed"] = all(report[f"{what}_max_abs"] <= tol * max(1.0, report[f"{what}_scale"]) for what in checked)
     return report

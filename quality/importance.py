@@ -33,7 +33,7 @@ def gated_loss(graph, ids, prompt_len, g_prefill, g_decode):
     pos = torch.arange(t)[None].expand(b, t)
     h = ad.embed(ids)
     rope = graph._ropes(pos, h)
-    masks = graph._masks(torch.ones(t, b, dtype=torch.long), 0, t)
+    masks = graph._masks(torch.ones(t, b, dtype=torch.long), 0, t, {})
     empty = h.new_zeros(0, b, ad.num_kv_heads, ad.head_dim)
     decode_pos = (torch.arange(t) >= prompt_len - 1)[None, :, None]
     for l in range(ad.num_layers):

@@ -6,6 +6,7 @@ import sys
 from .errors import PopError, run_command
 from .sampling import Sampler
 from .session import MODES, PopSession
+from .vision import load_image
 
 
 def _ids(text):
@@ -24,6 +25,10 @@ def parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the tokenizer's BOS is added when the model wants one)")
     src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated, used as given")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image for a vision-language export (repeatable); the prompt becomes one chat turn "
+                        "with the images before the text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the manifest's (64)")
     p.add_argument("--mode", default="pop", choices=MODES,
                    help="pop: shallow prefill; full: the whole model over the prompt (for comparison)")
@@ -51,20 +56,31 @@ def _generate(args):
         raise PopError(str(e)) from None
     session = PopSession.load(args.artifacts, threads=args.threads, prepack=args.prepack_weights)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    images = None
+    if args.image:
+        if args.prompt is None:
+            raise PopError("--image goes with --prompt (the chat template places the image before the text)")
+        if session.mm is None:
+            raise PopError(f"{args.artifacts} is a text-only export: --image needs a vision-language model")
+        images = [load_image(path) for path in args.image]  # fail on a bad file before any work
+    if args.prompt is not None and (args.chat or images):
+        prompt = session.chat_prompt(args.prompt, len(images or []))
     max_new = args.max_new_tokens or session.manifest["generation"]["max_new_tokens"]
     if max_new < 1:
         raise PopError("--max-new-tokens must be at least 1")
     if args.json:
-        g = session.generate(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos)
+        g = session.generate(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos,
+                             images=None if images is None else [images])
         print(json.dumps({"prompt_ids": g.prompt_ids[0], "output_ids": g.output_ids[0], "text": g.text[0],
                           "ttft_ms": g.ttft_ms, "decode_ms_per_token": g.decode_ms_per_token,
                           "finish_reason": g.finish_reasons[0], "mode": args.mode,
                           "prefill_layers": session.manifest["pop"]["prefill_layers"],
                           "num_layers": session.manifest["pop"]["num_layers"], **g.timings_ms}))
     else:
-        if args.prompt is not None:
+        if args.prompt is not None and prompt == args.prompt:
             print(args.prompt, end="", flush=True)
-        for piece in session.stream(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos):
+        for piece in session.stream(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos,
+                                    images=images):
             print(piece, end="", flush=True)
         print()
 

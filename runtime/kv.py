@@ -50,18 +50,19 @@ def layer_names(manifest):
             for l in manifest["kv_cache"]["layers"]]
 
 
-def prefill_io(kv, names, ids, pos, length):
-    """Bindings for the prefill graph over slots 0..length, writing them in place."""
-    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:length]}
+def prefill_io(kv, names, ids, pos, length, extra=None):
+    """Bindings for the prefill graph over slots 0..length, writing them in place.
+    extra: a VLM's further inputs (exporter/pop.py, extra_inputs)."""
+    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:length], **(extra or {})}
     outputs = {}
     for l, (_, _, pk, pv) in enumerate(names):
         outputs[pk], outputs[pv] = kv.block(l, 0, 0, length), kv.block(l, 1, 0, length)
     return inputs, outputs
 
 
-def decode_io(kv, names, ids, pos, past, new, logits):
+def decode_io(kv, names, ids, pos, past, new, logits, extra=None):
     """Bindings for the decode graph: slots 0..past are read, past..past+new written."""
-    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:past + new]}
+    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:past + new], **(extra or {})}
     outputs = {"logits": logits}
     for l, (k, v, pk, pv) in enumerate(names):
         inputs[k], inputs[v] = kv.block(l, 0, 0, past), kv.block(l, 1, 0, past)

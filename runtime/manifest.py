@@ -12,7 +12,8 @@ from .errors import PopError
 
 FILE = "pop_manifest.json"
 FORMAT = "pop-manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
+READABLE = (1, 2)  # a version-1 manifest is a text model's version 2
 
 REQUIRED = ("format", "schema_version", "model", "pop", "dtype", "max_seq_len", "kv_cache",
             "graphs", "weights", "tokenizer", "generation", "provenance")
@@ -41,9 +42,9 @@ def load(directory) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PopError(f"{path} is not a pop manifest")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise PopError(f"{path} has manifest schema version {version}; this runtime reads version "
-                       f"{SCHEMA_VERSION}: re-export with this version of pop")
+    if version not in READABLE:
+        raise PopError(f"{path} has manifest schema version {version}; this runtime reads versions "
+                       f"{', '.join(map(str, READABLE))}: re-export with this version of pop")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise PopError(f"{path} is missing fields: {', '.join(missing)}")

@@ -30,7 +30,7 @@ def test_recommend_rule_by_hand():
 
 
 def test_importance_zero_for_a_layer_without_branches_and_stages_differ():
-    model, tok = tiny.build("tiny-llama")
+    model, tok, _ = tiny.build("tiny-llama")
     dead = 2
     with torch.no_grad():  # layer 2 adds nothing to the residual stream, by construction
         model.model.layers[dead].self_attn.o_proj.weight.zero_()
@@ -45,7 +45,7 @@ def test_importance_zero_for_a_layer_without_branches_and_stages_differ():
 
 
 def test_gates_at_one_are_the_model():
-    model, tok = tiny.build("tiny-gemma3")
+    model, tok, _ = tiny.build("tiny-gemma3")
     ids = torch.tensor([_prompts(tok, 1, 20)[0]])
     ones = torch.ones(6)
     from pop.exporter.pop import PopDecode
@@ -57,7 +57,7 @@ def test_gates_at_one_are_the_model():
 
 @pytest.fixture(scope="module")
 def runner():
-    model, tok = tiny.build("tiny-qwen3")
+    model, tok, _ = tiny.build("tiny-qwen3")
     return HFRunner(model), tok
 
 

@@ -47,7 +47,7 @@ def test_unknown_model_names_the_presets():
 @pytest.mark.parametrize("name", tiny.NAMES)
 def test_reference_without_pruning_is_hf_generate(name):
     """The reference's own anchor: with K = L it is HF generate, token for token."""
-    model, tok = tiny.build(name)
+    model, tok, _ = tiny.build(name)
     ids = torch.tensor([tok("It is a truth universally acknowledged").input_ids])
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
@@ -56,7 +56,7 @@ def test_reference_without_pruning_is_hf_generate(name):
 
 
 def test_reference_pruning_changes_only_layers_past_k():
-    model, tok = tiny.build("tiny-qwen3")
+    model, tok, _ = tiny.build("tiny-qwen3")
     ids = torch.tensor([tok("Hello there, general").input_ids])
     mask = torch.ones_like(ids)
     full = reference.cache_tensors(reference.prefill(model, ids, mask, keep=6))
@@ -104,7 +104,7 @@ def test_manifest_round_trip(tmp_path):
 
 
 def test_local_hf_folder(tmp_path):
-    model, tok = tiny.build("tiny-qwen3")
+    model, tok, _ = tiny.build("tiny-qwen3")
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     loaded = sources.load(str(tmp_path / "m"))

@@ -2,10 +2,12 @@
 from pop.runtime.errors import PopError
 
 from .gemma3 import Gemma3Adapter
+from .gemma3_vl import Gemma3VLAdapter
 from .llama import LlamaAdapter
 from .qwen3 import Qwen3Adapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS = {arch: cls for cls in (LlamaAdapter, Qwen3Adapter, Gemma3Adapter) for arch in cls.architectures}
+ADAPTERS = {arch: cls for cls in (LlamaAdapter, Qwen3Adapter, Gemma3Adapter, Qwen3VLAdapter, Gemma3VLAdapter) for arch in cls.architectures}
 
 
 def supported() -> list[str]:

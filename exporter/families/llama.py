@@ -20,15 +20,25 @@ def apply_rope(x, cos, sin):
 class LlamaAdapter:
     architectures = ("LlamaForCausalLM",)
 
+    # What a graph takes beyond ids, positions and the cache (see exporter/pop.py)
+    position_axes = 1  # 3 for M-RoPE
+    image_inputs = False  # vision features scattered into the token embeddings
+    deepstack_layers = 0  # visual features added after layers 0..n-1 (Qwen3-VL)
+    bidirectional_images = False  # an image's tokens attend to each other (Gemma-3)
+
     def __init__(self, hf_model):
         self.hf = hf_model
-        self.cfg = hf_model.config
-        self.body = hf_model.model
+        self.cfg, self.body = self.text_parts(hf_model)
         self.layers = self.body.layers
         self.num_layers = self.cfg.num_hidden_layers
         self.num_heads = self.cfg.num_attention_heads
         self.num_kv_heads = self.cfg.num_key_value_heads
         self.head_dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.num_heads
+
+    @staticmethod
+    def text_parts(hf_model):
+        """(text config, decoder body); a VLM keeps them one level down."""
+        return hf_model.config, hf_model.model
 
     # --- per-layer facts --------------------------------------------------
     def sliding_window(self, layer: int):
@@ -80,3 +90,9 @@ class LlamaAdapter:
 
     def logits(self, h):
         return self.hf.lm_head(self.body.norm(h))
+
+
+def resample_name(image_processor):
+    """PIL's resampling filter of an HF image processor, by name ("bicubic"), for the manifest."""
+    from PIL import Image
+    return Image.Resampling(int(image_processor.resample)).name.lower()

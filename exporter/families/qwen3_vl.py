@@ -1,0 +1,104 @@
+"""Qwen3-VL: a Qwen3 decoder with interleaved M-RoPE and DeepStack, and a ViT
+with a 3-D patch embedding, a resampled learned position table, 2-D rotary
+embeddings and a 2x2 patch merger.
+
+The text side is Qwen3 over three position axes: HF's rotary module already
+takes [3, batch, seq] positions, so only the inputs differ.  DeepStack adds
+features from several vision blocks to the hidden states leaving LLM layers
+0..n-1 at the image positions.
+
+The vision side is re-wired here around HF's own modules, because HF's forward
+derives index tables from the image grids in Python and splits attention per
+image with `cu_seqlens`: neither traces.  The runtime computes the tables
+(pop.runtime.vision.qwen3_vl) and the graph keeps images apart with a
+block-diagonal mask built from one patch -> image index.
+"""
+import torch
+from torch import nn
+
+from .llama import resample_name
+from .qwen3 import Qwen3Adapter
+
+
+class Qwen3VLAdapter(Qwen3Adapter):
+    architectures = ("Qwen3VLForConditionalGeneration",)
+    position_axes = 3
+    image_inputs = True
+
+    def __init__(self, hf_model):
+        super().__init__(hf_model)
+        self.deepstack_layers = len(hf_model.config.vision_config.deepstack_visual_indexes)
+
+    @staticmethod
+    def text_parts(hf_model):
+        return hf_model.config.text_config, hf_model.model.language_model
+
+    def vision_graph(self):
+        return Qwen3VLVision(self.hf.model.visual)
+
+    def vision_spec(self, processor):
+        """What a runtime needs to turn images into the vision graph's inputs (pop.runtime.vision.qwen3_vl)."""
+        ip, cfg = processor.image_processor, self.hf.config
+        return {"family": "qwen3_vl", "image_token": processor.image_token, "image_token_id": cfg.image_token_id,
+                "vision_start_token_id": cfg.vision_start_token_id,
+                "patch_size": ip.patch_size, "temporal_patch_size": ip.temporal_patch_size, "merge_size": ip.merge_size,
+                "min_pixels": ip.size["shortest_edge"], "max_pixels": ip.size["longest_edge"],
+                "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+                "rescale_factor": ip.rescale_factor, "resample": resample_name(ip),
+                "num_grid_per_side": int(cfg.vision_config.num_position_embeddings ** 0.5),
+                "deepstack_layers": self.deepstack_layers}
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Qwen3VLVision(nn.Module):
+    """pixels [P, C*Tp*p*p] -> merged image embeddings [P/m^2, H] and DeepStack
+    features [n, P/m^2, H].  P counts the patches of all images of a request."""
+
+    input_names = ("pixel_values", "pos_index", "pos_weight", "rope_pos", "patch_image")
+    output_names = ("image_embeds", "deepstack_embeds")
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def sample(self, grids=((1, 4, 6), (1, 2, 2))):
+        """Trace inputs for the given (t, h, w) patch grids."""
+        from pop.runtime.vision.qwen3_vl import Qwen3VLImages
+        cfg = self.visual.config
+        tables = Qwen3VLImages({"patch_size": cfg.patch_size, "merge_size": cfg.spatial_merge_size,
+                                "temporal_patch_size": cfg.temporal_patch_size,
+                                "num_grid_per_side": int(cfg.num_position_embeddings ** 0.5)}).vision_inputs(grids)
+        patches = sum(t * h * w for t, h, w in grids)
+        width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        pixels = torch.randn(patches, width, dtype=self.visual.patch_embed.proj.weight.dtype)
+        return (pixels, *(torch.from_numpy(tables[n]) for n in self.input_names[1:]))
+
+    def _attention(self, block, x, cos, sin, same_image):
+        attn = block.attn
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # [heads, P, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        scores = scores.masked_fill(~same_image, torch.finfo(torch.float32).min)
+        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+        return attn.proj(out.transpose(0, 1).reshape(n, -1))
+
+    def forward(self, pixel_values, pos_index, pos_weight, rope_pos, patch_image):
+        vis = self.visual
+        h = vis.patch_embed(pixel_values)
+        h = h + (vis.pos_embed(pos_index) * pos_weight[:, :, None].to(h.dtype)).sum(1)
+        cos, sin = vis.rotary_pos_emb(h, rope_pos)
+        cos, sin = cos[None].to(h.dtype), sin[None].to(h.dtype)
+        same_image = patch_image[:, None] == patch_image[None, :]
+        deep = []
+        for i, block in enumerate(vis.blocks):
+            h = h + self._attention(block, block.norm1(h), cos, sin, same_image)
+            h = h + block.mlp(block.norm2(h))
+            if i in vis.deepstack_visual_indexes:
+                deep.append(vis.deepstack_merger_list[vis.deepstack_visual_indexes.index(i)](h))
+        return vis.merger(h), torch.stack(deep)

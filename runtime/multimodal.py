@@ -1,0 +1,106 @@
+"""The image side of a request, for VLM artifacts: preprocessing, the vision
+graph, and the extra inputs the prefill and decode graphs take.
+
+    text + images -> placeholders expanded -> ids
+    images -> pixels (numpy) -> vision graph -> image_embeds [M, H] (+ DeepStack)
+    ids -> image_index (flat b*T + t of each image token), positions, token_groups
+
+Images of all rows run through the vision graph together, in reading order,
+which is also the order of their tokens in the flattened batch, so row r's
+features are simply the next ones.
+"""
+import time
+
+import numpy as np
+
+from .errors import PopError
+from .vision import processor_for
+
+
+class Multimodal:
+    def __init__(self, spec, backend, manifest):
+        self.spec, self.backend = spec, backend
+        self.images = processor_for(spec)
+        self.family = spec["family"]
+        self.inputs = spec["merge"]["inputs"]
+        self.token_id = spec["image_token_id"]
+        graph = manifest["graphs"]["decode"]["inputs"]
+        embeds = next(i for i in graph if i["name"] == "image_embeds")
+        self.hidden, self.dtype = int(embeds["shape"][-1]), np.dtype(embeds["dtype"])
+        self.deepstack = int(spec.get("deepstack_layers", 0))
+
+    # --- before tokenizing -------------------------------------------------
+    def prepare(self, texts, images):
+        """Expanded texts, and what the vision graph needs.  images: one list per text."""
+        if len(images) != len(texts):
+            raise PopError(f"{len(images)} image lists for {len(texts)} prompts")
+        flat = [img for row in images for img in row]
+        if self.family == "qwen3_vl":
+            pixels, grids = self.images.pixels(flat) if flat else (None, np.zeros((0, 3), np.int64))
+            out, start = [], 0
+            for text, row in zip(texts, images):
+                out.append(self.images.expand(text, grids[start:start + len(row)]))
+                start += len(row)
+            feeds = {"pixel_values": pixels, **self.images.vision_inputs(grids)} if flat else None
+            return out, {"feeds": feeds, "grids": grids}
+        out = [self.images.expand(text, len(row)) for text, row in zip(texts, images)]
+        return out, {"feeds": {"pixel_values": self.images.pixels(flat)} if flat else None, "grids": None}
+
+    # --- the vision graph ----------------------------------------------------
+    def encode(self, state):
+        """Runs the vision graph: {"image_embeds": [M, H], ("deepstack_embeds": [n, M, H])}, ms."""
+        if state["feeds"] is None:
+            return self.empty(), 0.0
+        t = time.perf_counter()
+        if self.family == "qwen3_vl":
+            tokens = int(sum(self.images.tokens_per_image(g) for g in state["grids"]))
+        else:
+            tokens = len(state["feeds"]["pixel_values"]) * int(self.spec["tokens_per_image"])
+        out = {"image_embeds": np.zeros((tokens, self.hidden), self.dtype)}
+        if self.deepstack:
+            out["deepstack_embeds"] = np.zeros((self.deepstack, tokens, self.hidden), self.dtype)
+        feeds = {k: np.ascontiguousarray(v) for k, v in state["feeds"].items()}
+        self.backend.run("vision", feeds, out)
+        return out, (time.perf_counter() - t) * 1e3
+
+    def empty(self):
+        """What a text-only window passes: M = 0."""
+        out = {"image_embeds": np.zeros((0, self.hidden), self.dtype)}
+        if self.deepstack:
+            out["deepstack_embeds"] = np.zeros((self.deepstack, 0, self.hidden), self.dtype)
+        return out
+
+    # --- after tokenizing ----------------------------------------------------
+    def check(self, ids, mask, encoded):
+        found = int(((ids == self.token_id) & (mask == 1)).sum())
+        if found != encoded["image_embeds"].shape[0]:
+            raise PopError(f"the prompt holds {found} image tokens but the images give "
+                           f"{encoded['image_embeds'].shape[0]}: write image placeholders only where images are passed")
+        if (ids[:, -1] == self.token_id).any():
+            raise PopError("a prompt ends inside an image: the last prompt token must be text")
+
+    def positions(self, ids, mask, state):
+        """[3, B, N] M-RoPE positions for Qwen3-VL, else None (the text rule applies)."""
+        if self.family != "qwen3_vl":
+            return None
+        return self.images.positions(ids, mask, state["grids"])[0]
+
+    def groups(self, ids, mask):
+        """[B, N] image numbers for bidirectional attention, else None."""
+        return self.images.token_groups(ids, mask) if "token_groups" in self.inputs else None
+
+    def feeds(self, window, encoded, groups):
+        """Extra inputs of a graph run over the token window [B, T].
+
+        A window holds all of a request's image tokens (full mode, POP's prefill)
+        or none (the boundary token and decode steps), because the last prompt
+        token is text; so the features pass whole or not at all.
+        """
+        index = np.flatnonzero(window.reshape(-1) == self.token_id).astype(np.int64)
+        chosen = encoded if len(index) else self.empty()
+        if len(index) != chosen["image_embeds"].shape[0]:
+            raise PopError("image tokens split across graph runs")  # the invariant above, broken
+        out = {"image_index": index, **chosen}
+        if groups is not None:
+            out["token_groups"] = groups
+        return {k: out[k] for k in self.inputs}

@@ -1,0 +1,138 @@
+"""Vision-language artifacts (tiny-qwen3-vl, tiny-gemma3-vl), end to end on CPU.
+
+Unpruned, the runtime's greedy tokens for text + images must equal HF
+generate's, fed by HF's own processor; pruned, every graph must match the
+PyTorch POP reference (the export's verification) and greedy POP must equal
+the reference's.  Images have different sizes, so Qwen3-VL sees several grids.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cli
+from pop.exporter import reference
+from pop.runtime.errors import PopError
+from pop.runtime.session import PopSession
+
+VLMS = ["tiny-qwen3-vl", "tiny-gemma3-vl"]
+NEW = 8
+
+
+def picture(h, w, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+CASES = {  # name: images of one prompt
+    "one-small": [(70, 45)],
+    "one-wide": [(48, 150)],
+    "two-images": [(64, 64), (40, 96)],
+}
+
+
+def hf_inputs(loaded, text, images):
+    """HF's processor on the text our runtime renders; the chat template already holds the BOS."""
+    return loaded.processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                            return_tensors="pt")
+
+
+def hf_greedy(loaded, inputs, eos):
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=list(eos),
+                                    pad_token_id=list(eos)[0])
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module", params=VLMS)
+def vlm(request, exports, hf_models):
+    name = request.param
+    full = exports(name, 6)  # tiny models have 6 layers: nothing pruned
+    return name, PopSession.load(full), hf_models(name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unpruned_greedy_equals_hf_generate(vlm, case):
+    name, session, loaded = vlm
+    images = [picture(h, w, i) for i, (h, w) in enumerate(CASES[case])]
+    text = session.chat_prompt("Describe the image.", len(images))
+    inputs = hf_inputs(loaded, text, images)
+    expected = hf_greedy(loaded, inputs, session.eos_ids)
+    for mode in ("pop", "full"):
+        got = session.generate(text, NEW, mode, images=[images])
+        assert got.prompt_ids[0] == inputs["input_ids"][0].tolist(), "our expanded prompt differs from HF's processor"
+        assert got.output_ids[0] == expected, (name, case, mode)
+        assert got.timings_ms["vision_ms"] > 0
+
+
+def test_text_only_prompt_on_vlm_artifacts(vlm):
+    name, session, loaded = vlm
+    text = session.chat_prompt("Tell me a story.")
+    expected = hf_greedy(loaded, hf_inputs(loaded, text, None), session.eos_ids)
+    assert session.generate(text, NEW).output_ids[0] == expected
+    assert session.generate(text, NEW).timings_ms["vision_ms"] == 0
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_pruned_graphs_match_the_pop_reference(name, exports, hf_models):
+    """Default pruning (K = 4 of 6).  The export verified every graph (vision
+    included) against the reference within 1e-4 x scale; greedy POP tokens
+    with images must also equal the reference's."""
+    session = PopSession.load(exports(name))
+    report = session.manifest["verification"]
+    assert report["passed"] and report["image_tokens"] > 0
+    for what in ("vision", "prefill_kv", "boundary_logits", "full_logits", "full_kv"):
+        assert report[f"{what}_max_abs"] <= 1e-4 * max(1.0, report[f"{what}_scale"]), (what, report)
+    keep = session.manifest["pop"]["prefill_layers"]
+    assert keep < session.manifest["pop"]["num_layers"]
+    loaded = hf_models(name)
+    images = [picture(64, 64, 0), picture(40, 96, 1)]
+    text = session.chat_prompt("What differs?", len(images))
+    inputs = hf_inputs(loaded, text, images)
+    expected = reference.generate_with_images(loaded.model, inputs, keep, NEW, session.eos_ids)
+    assert session.generate(text, NEW, "pop", images=[images]).output_ids[0] == expected
+
+
+def test_deepstack_layers_are_kept(exports):
+    """Qwen3-VL adds visual features after LLM layers 0..n-1: K must keep them."""
+    from pop.exporter.export import export
+    manifest = PopSession.load(exports("tiny-qwen3-vl")).manifest
+    deep = manifest["vision"]["deepstack_layers"]
+    assert deep == 2 and manifest["pop"]["prefill_layers"] > deep
+    with pytest.raises(PopError, match="DeepStack"):
+        export("tiny-qwen3-vl", "/nonexistent/never-written", prefill_layers=deep, progress=lambda m: None)
+
+
+def test_batched_requests_with_images_match_one_by_one(exports):
+    session = PopSession.load(exports("tiny-qwen3-vl", 6))
+    a, b = [picture(70, 45, 0), picture(48, 150, 1)], [picture(64, 64, 2)]
+    ta, tb = session.chat_prompt("Compare them.", 2), session.chat_prompt("A long question about this one?", 1)
+    both = session.generate([ta, tb], NEW, images=[a, b], stop_at_eos=False).output_ids
+    assert both[0] == session.generate(ta, NEW, images=[a], stop_at_eos=False).output_ids[0]
+    assert both[1] == session.generate(tb, NEW, images=[b], stop_at_eos=False).output_ids[0]
+
+
+def test_bad_image_inputs(exports, tmp_path):
+    vlm_dir, text_dir = exports("tiny-gemma3-vl", 6), exports("tiny-llama")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    out = cli("pop-generate", vlm_dir, "--prompt", "Describe.", "--image", bad)
+    assert out.returncode != 0 and "not a readable image" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    good = tmp_path / "good.png"
+    picture(32, 32, 0).save(good)
+    out = cli("pop-generate", text_dir, "--prompt", "Describe.", "--image", good)
+    assert out.returncode != 0 and "text-only" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    session = PopSession.load(vlm_dir)
+    text = session.chat_prompt("Describe.", 1)
+    with pytest.raises(PopError, match="1 image placeholder.*2 image"):
+        session.generate(text, 2, images=[[picture(32, 32, 0), picture(32, 32, 1)]])
+
+
+def test_generate_cli_with_an_image(exports, tmp_path):
+    path = tmp_path / "photo.png"
+    picture(50, 80, 3).save(path)
+    out = cli("pop-generate", exports("tiny-qwen3-vl"), "--prompt", "Describe the image.", "--image", path,
+              "--max-new-tokens", 4, "--json")
+    assert out.returncode == 0, out.stderr
+    import json
+    result = json.loads(out.stdout)
+    assert len(result["output_ids"]) >= 1 and result["vision_ms"] > 0
