@@ -32,6 +32,16 @@ def _ints(name):
     return parse
 
 
+def _sizes(text):
+    try:
+        sizes = [tuple(int(v) for v in t.lower().split("x")) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sizes = [()]
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError("--image-sizes takes WIDTHxHEIGHT pairs, e.g. 640x480,1280x720")
+    return sizes
+
+
 def parser():
     p = argparse.ArgumentParser(prog="pop-bench", description="Latency of POP against the full model and peers.")
     p.add_argument("artifacts", help="a folder written by pop-export")
@@ -47,6 +57,9 @@ def parser():
                    help="python of the Optimum virtualenv (default: $POP_OPTIMUM_PYTHON or .venv-optimum)")
     p.add_argument("--optimum-dir", default=None,
                    help="where the Optimum export is cached (default: artifacts/optimum/MODEL)")
+    p.add_argument("--image-sizes", type=_sizes, default=None,
+                   help="VLM artifacts: time a chat prompt with one image of each size (WxH,...) instead of "
+                        "--prompt-lens, with the vision encoder's time shown apart")
     p.add_argument("--prepack-weights", action="store_true",
                    help="let ONNX Runtime re-lay the weights per graph (as pop-generate's flag): faster at batch > 1, "
                         "more memory")
@@ -69,7 +82,7 @@ def _check(args, max_seq_len):
         raise PopError("--runs must be at least 1 and --warmup at least 0")
     if args.threads is not None and args.threads < 1:
         raise PopError("--threads must be at least 1")
-    too_long = [n for n in args.prompt_lens if n + args.new_tokens > max_seq_len]
+    too_long = [] if args.image_sizes else [n for n in args.prompt_lens if n + args.new_tokens > max_seq_len]
     if too_long:
         raise PopError(f"prompt length {too_long[0]} + {args.new_tokens} new tokens exceeds these artifacts' "
                        f"max_seq_len {max_seq_len}")
@@ -93,10 +106,18 @@ def bench(args):
 
     manifest = manifest_io.load(args.artifacts)  # fails fast, before anything is timed
     chosen = _check(args, int(manifest["max_seq_len"]))
+    if args.image_sizes:
+        if "vision" not in manifest:
+            raise PopError(f"--image-sizes needs vision-language artifacts; {manifest['model']['name']} is text-only")
+        if chosen:
+            print("pop-bench: peers time text prompts only; with --image-sizes they are not run", file=sys.stderr)
+        chosen = []
     shapes = cost.Shapes.from_manifest(manifest)
     threads = args.threads or len(os.sched_getaffinity(0))
     session = PopSession.load(args.artifacts, threads=threads, prepack=args.prepack_weights)
     tok = manifest["tokenizer"]
+    if args.image_sizes:
+        return _bench_images(args, manifest, session, shapes, threads)
     configs = [(b, n, measure.prompt_ids(session.vocab_size, tok["eos_ids"], b, n,
                                          tok["bos_id"] if tok.get("add_bos") else None))
                for b in args.batch for n in args.prompt_lens]
@@ -121,12 +142,20 @@ def bench(args):
         del session  # peers get the memory and the cores to themselves
         peer_reports = _run_peers(args, chosen, manifest, threads, configs, rows, bar)
 
+    _write(args, manifest, threads, shapes, rows, peer_reports)
+    return 0
+
+
+def _write(args, manifest, threads, shapes, rows, peer_reports):
     result = {
         "schema": "pop-bench/1", "model": manifest["model"]["name"], "artifacts": str(Path(args.artifacts).resolve()),
         "backend": "ort", "device": "cpu", "threads": threads,
         "machine": {"cpu": _cpu_name(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
-        "settings": {"prompt_lens": args.prompt_lens, "batch": args.batch, "new_tokens": args.new_tokens,
-                     "runs": args.runs, "warmup": args.warmup, "prepack_weights": args.prepack_weights, "prompts": "seeded random token ids (BOS first where the model wants it)"},
+        "settings": {"prompt_lens": None if args.image_sizes else args.prompt_lens, "batch": args.batch,
+                     "image_sizes": args.image_sizes, "new_tokens": args.new_tokens, "runs": args.runs,
+                     "warmup": args.warmup, "prepack_weights": args.prepack_weights,
+                     "prompts": "chat prompt with one seeded random image per row" if args.image_sizes
+                     else "seeded random token ids (BOS first where the model wants it)"},
         "pop": {k: manifest["pop"][k] for k in ("num_layers", "prefill_layers", "prune_ratio")},
         "cost_model": {"shapes": vars(shapes), "limit": cost.limit(shapes), "doc": cost.__doc__.strip()},
         "versions": manifest["provenance"].get("versions", {}),
@@ -139,6 +168,52 @@ def bench(args):
         _atomic(Path(args.json_out), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     if args.plot:
         _atomic(Path(args.plot), lambda p: report.plot(result, p))
+
+
+IMAGE_QUESTION = "Describe this image in detail."
+
+
+def _bench_images(args, manifest, session, shapes, threads):
+    """Rows per batch and image size: a chat prompt with one image per row."""
+    import numpy as np
+    from PIL import Image
+    encoder = manifest["vision"]["encoder"]
+    text = session.chat_prompt(IMAGE_QUESTION, 1)
+    rows = []
+    total = len(args.batch) * len(args.image_sizes) * (args.warmup + args.runs) * 2
+    with tqdm(total=total, desc="pop-bench", unit="run", file=sys.stderr) as bar:
+        for b in args.batch:
+            for w, h in args.image_sizes:
+                bar.set_postfix_str(f"batch {b}, image {w}x{h}")
+                rng = np.random.default_rng([b, w, h])
+                images = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))] for _ in range(b)]
+                if manifest["vision"]["family"] == "qwen3_vl":
+                    patches = [int(np.prod(session.mm.images.pixels(images[0])[1][0]))]
+                else:
+                    patches = [encoder["patches_per_image"]]
+                r = measure.measure_runtime(session, [text] * b, args.new_tokens, args.runs, args.warmup,
+                                            bar.update, images)
+                n = r["prompt_tokens"]
+                if n + args.new_tokens > session.max_seq_len:
+                    raise PopError(f"an image of {w}x{h} makes a {n}-token prompt; these artifacts hold "
+                                   f"{session.max_seq_len} tokens (re-export with a larger --max-seq-len)")
+                vision = cost.vision(encoder, patches)
+                expected = cost.expected_speedup_with_images(shapes, n, vision)
+                rows.append({"batch": b, "image_size": [w, h], "prompt_len": n, "image_patches": patches[0],
+                             "pop_ttft_ms": r["pop_ttft"], "full_ttft_ms": r["full_ttft"], "speedup": r["speedup"],
+                             "expected_speedup": expected,
+                             "expected_speedup_without_vision": cost.expected_speedup(shapes, n),
+                             "measured_over_expected": r["speedup"]["median"] / expected,
+                             "vision_ms": r["vision"], "decode_ms_per_token": r["decode_per_token"],
+                             "graphs_ms": {"prefill": r["prefill"], "boundary": r["boundary"],
+                                           "decode_step": r["decode_step"], "full_prefill": r["full_prefill"]},
+                             "flops": {"vision": vision, "pop_ttft": b * vision + cost.ttft(shapes, n, "pop", b),
+                                       "full_ttft": b * vision + cost.ttft(shapes, n, "full", b)},
+                             "peak_rss_bytes": r["peak_rss_bytes"], "first_tokens": r["first_tokens"]})
+                bar.write(f"batch {b} image {w}x{h} ({n} tokens): vision {r['vision']['median']:.1f} ms, "
+                          f"POP {r['pop_ttft']['median']:.1f} ms, full {r['full_ttft']['median']:.1f} ms, "
+                          f"speedup {r['speedup']['median']:.2f} (expected {expected:.2f})")
+    _write(args, manifest, threads, shapes, rows, [])
     return 0
 
 

@@ -91,3 +91,32 @@ def expected_speedup(s: Shapes, prompt_len: int) -> float:
 
 def limit(s: Shapes) -> float:
     return s.layers / s.keep
+
+
+# --- vision-language models ---------------------------------------------------
+# The vision tower runs in both modes, so it dilutes POP's gain:
+#     speedup = (vision + full TTFT) / (vision + POP TTFT)
+# Per patch and block: qkv and output projections 2*4*h^2, MLP 2*2*h*i, and
+# dense attention within the patch's image 4*h*P.  The patch embedding is
+# 2*patch_dim*h per patch; each merger maps merge*h -> merge*h -> H per token
+# (Qwen3-VL, DeepStack mergers included); a projector h -> H per soft token
+# otherwise (Gemma-3, after pooling).
+
+def vision(encoder: dict, patches_per_image: list) -> int:
+    """FLOPs of the vision tower over the images of one request."""
+    h, i, layers = encoder["hidden"], encoder["intermediate"], encoder["layers"]
+    patches = sum(patches_per_image)
+    blocks = layers * (patches * (8 * h * h + 4 * h * i) + sum(4 * h * p * p for p in patches_per_image))
+    embed = patches * 2 * encoder["patch_dim"] * h
+    if encoder["merge"] > 1:
+        width, tokens = encoder["merge"] * h, patches // encoder["merge"]
+        heads = encoder["mergers"] * tokens * 2 * (width * width + width * encoder["out_hidden"])
+    else:
+        tokens = len(patches_per_image) * encoder.get("tokens_per_image", 0)
+        heads = tokens * 2 * h * encoder["out_hidden"]
+    return blocks + embed + heads
+
+
+def expected_speedup_with_images(s: Shapes, prompt_len: int, vision_flops: int) -> float:
+    """prompt_len counts every token, image tokens included."""
+    return (vision_flops + ttft(s, prompt_len, "full")) / (vision_flops + ttft(s, prompt_len, "pop"))

@@ -40,19 +40,21 @@ def stat(values):
             "min": float(v.min()), "max": float(v.max()), "runs": [float(x) for x in v]}
 
 
-def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None):
+def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, images=None):
     """POP and full mode on the same ids.  Full-mode runs stop at the first token:
-    the decode steps after it are the same graph at the same shapes as in POP mode."""
-    rows = [list(map(int, r)) for r in ids]
+    the decode steps after it are the same graph at the same shapes as in POP mode.
+    With images (VLM artifacts), ids are chat texts and images one list per row."""
+    rows = list(ids) if images is not None else [list(map(int, r)) for r in ids]
     samples = {k: [] for k in ("pop_ttft", "full_ttft", "speedup", "prefill", "boundary", "full_prefill",
-                               "decode_step", "decode_per_token")}
+                               "decode_step", "decode_per_token", "vision")}
     first_tokens = {}
     reset = reset_peak_rss()
     for i in range(warmup + runs):
         pair = {}
         for mode in (("pop", "full") if i % 2 == 0 else ("full", "pop")):
             stats = {}
-            for n, token in enumerate(session.steps(rows, new_tokens if mode == "pop" else 1, mode, stats=stats)):
+            for n, token in enumerate(session.steps(rows, new_tokens if mode == "pop" else 1, mode, stats=stats,
+                                                    images=images)):
                 if n == 0:
                     first_tokens[mode] = [int(t) for t in token]
             pair[mode] = stats
@@ -66,10 +68,12 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None):
         samples["prefill"].append(pop["prefill_ms"])
         samples["boundary"].append(pop["boundary_ms"])
         samples["full_prefill"].append(full["prefill_ms"])
+        samples["vision"] += [pop["vision_ms"], full["vision_ms"]]
         if pop["decode_ms"]:
             samples["decode_step"] += pop["decode_ms"]
             samples["decode_per_token"].append(float(np.mean(pop["decode_ms"])))
     out = {k: stat(v) for k, v in samples.items()}
     out["peak_rss_bytes"] = peak_rss_bytes() if reset else None
     out["first_tokens"] = first_tokens
+    out["prompt_tokens"] = len(stats["prompt_ids"][0])
     return out

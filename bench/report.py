@@ -14,11 +14,13 @@ def _ms(s, digits=1):
 
 
 def table(report) -> str:
-    head = ["batch", "prompt", "POP TTFT ms", "full TTFT ms", "speedup", "expected", "meas/exp",
-            "prefill ms", "boundary ms", "decode ms/tok", "peak RSS MB"]
+    images = any("image_size" in r for r in report["results"])
+    head = ["batch", *(["image", "vision ms"] if images else []), "prompt", "POP TTFT ms", "full TTFT ms", "speedup",
+            "expected", "meas/exp", "prefill ms", "boundary ms", "decode ms/tok", "peak RSS MB"]
     lines = []
     for r in report["results"]:
-        lines.append([str(r["batch"]), str(r["prompt_len"]), _ms(r["pop_ttft_ms"]), _ms(r["full_ttft_ms"]),
+        image = ["x".join(map(str, r["image_size"])), _ms(r["vision_ms"])] if images else []
+        lines.append([str(r["batch"]), *image, str(r["prompt_len"]), _ms(r["pop_ttft_ms"]), _ms(r["full_ttft_ms"]),
                       _ms(r["speedup"], 2), f"{r['expected_speedup']:.2f}", f"{r['measured_over_expected']:.2f}",
                       _ms(r["graphs_ms"]["prefill"]), _ms(r["graphs_ms"]["boundary"]),
                       _ms(r["decode_ms_per_token"], 2),

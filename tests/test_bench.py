@@ -91,6 +91,38 @@ def test_report_json_and_plot(exports, tmp_path):
     assert "optimum-onnx: not run" in run.stdout  # the table says so too
 
 
+def test_vision_cost_matches_a_hand_count():
+    # 2 blocks of width 2, MLP 4, patches of 3 values, 2x2 merge into 4 -> 3 output; one image of 4 patches
+    enc = {"layers": 2, "hidden": 2, "intermediate": 4, "patch_dim": 3, "merge": 4, "mergers": 2, "out_hidden": 3}
+    per_patch = matmul(1, 2, 6) + matmul(1, 2, 2) + matmul(1, 2, 4) + matmul(1, 4, 2)  # qkv, proj, fc1, fc2
+    attention = matmul(4, 2, 4) + matmul(4, 4, 2)  # scores and probs @ V over the image's 4 patches
+    block = 4 * per_patch + attention
+    embed = 4 * matmul(1, 3, 2)
+    mergers = 2 * (matmul(1, 8, 8) + matmul(1, 8, 3))  # one merged token per merger
+    assert cost.vision(enc, [4]) == 2 * block + embed + mergers == 1168  # 768 + 48 + 352, on paper
+    s = SMALL
+    assert cost.expected_speedup_with_images(s, 3, 0) == cost.expected_speedup(s, 3)
+    assert 1 < cost.expected_speedup_with_images(s, 3, 10_000) < cost.expected_speedup(s, 3)  # vision dilutes
+
+
+def test_image_sizes_on_a_vlm(exports, tmp_path):
+    out = tmp_path / "vlm.json"
+    run = cli("pop-bench", exports("tiny-qwen3-vl"), "--image-sizes", "64x48,160x96", "--batch", "1,2", "--runs", 1,
+              "--warmup", 0, "--new-tokens", 2, "--threads", 1, "--json", out)
+    assert run.returncode == 0, run.stderr
+    assert "vision ms" in run.stdout and "peers time text prompts only" in run.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["image_size"]) for r in rows] == [(1, [64, 48]), (1, [160, 96]), (2, [64, 48]), (2, [160, 96])]
+    assert rows[1]["prompt_len"] > rows[0]["prompt_len"] and rows[1]["image_patches"] > rows[0]["image_patches"]
+    for r in rows:
+        assert r["vision_ms"]["median"] > 0 and r["pop_ttft_ms"]["median"] > r["vision_ms"]["median"]
+        assert 1 < r["expected_speedup"] < r["expected_speedup_without_vision"]
+    text = cli("pop-bench", exports("tiny-llama"), "--image-sizes", "64x48")
+    assert_one_line_error(text, "needs vision-language artifacts")
+    bad = cli("pop-bench", exports("tiny-qwen3-vl"), "--image-sizes", "64by48")
+    assert_one_line_error(bad, "WIDTHxHEIGHT")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--prompt-lens", ""], "--prompt-lens is empty"),
     (["--prompt-lens", "128,-4"], "must be positive"),

@@ -22,10 +22,17 @@ class Gemma3VLAdapter(Gemma3Adapter):
     def vision_spec(self, processor):
         """What a runtime needs to turn images into the vision graph's inputs (pop.runtime.vision.gemma3)."""
         ip, cfg = processor.image_processor, self.hf.config
+        vc = cfg.vision_config
         return {"family": "gemma3", "image_token": processor.boi_token, "image_token_id": cfg.image_token_index,
                 "full_image_sequence": processor.full_image_sequence, "tokens_per_image": cfg.mm_tokens_per_image,
                 "image_size": cfg.vision_config.image_size, "image_mean": list(ip.image_mean),
-                "image_std": list(ip.image_std), "rescale_factor": ip.rescale_factor, "resample": resample_name(ip)}
+                "image_std": list(ip.image_std), "rescale_factor": ip.rescale_factor, "resample": resample_name(ip),
+                # for pop-bench's cost model: the tower's matmul shapes
+                "encoder": {"layers": vc.num_hidden_layers, "hidden": vc.hidden_size,
+                            "intermediate": vc.intermediate_size, "patch_dim": 3 * vc.patch_size ** 2,
+                            "patches_per_image": (vc.image_size // vc.patch_size) ** 2, "merge": 1, "mergers": 0,
+                            "tokens_per_image": cfg.mm_tokens_per_image,
+                            "out_hidden": self.cfg.hidden_size}}
 
 
 class Gemma3Vision(nn.Module):

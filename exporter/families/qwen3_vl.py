@@ -46,7 +46,13 @@ class Qwen3VLAdapter(Qwen3Adapter):
                 "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
                 "rescale_factor": ip.rescale_factor, "resample": resample_name(ip),
                 "num_grid_per_side": int(cfg.vision_config.num_position_embeddings ** 0.5),
-                "deepstack_layers": self.deepstack_layers}
+                "deepstack_layers": self.deepstack_layers,
+                # for pop-bench's cost model: the tower's matmul shapes
+                "encoder": {"layers": cfg.vision_config.depth, "hidden": cfg.vision_config.hidden_size,
+                            "intermediate": cfg.vision_config.intermediate_size,
+                            "patch_dim": ip.temporal_patch_size * 3 * ip.patch_size ** 2,
+                            "merge": ip.merge_size ** 2, "mergers": 1 + self.deepstack_layers,
+                            "out_hidden": self.cfg.hidden_size}}
 
 
 def _rotate_half(x):
