@@ -82,6 +82,10 @@ def test_pruned_graphs_match_the_pop_reference(name, exports, hf_models):
     assert report["passed"] and report["image_tokens"] > 0
     for what in ("vision", "prefill_kv", "boundary_logits", "full_logits", "full_kv"):
         assert report[f"{what}_max_abs"] <= 1e-4 * max(1.0, report[f"{what}_scale"]), (what, report)
+    m = session.manifest
+    assert set(m["graphs"]) == {"vision", "prefill", "decode"}
+    # one weights file for all three graphs, each weight once (vision tower included)
+    assert m["weights"]["stored_bytes"] <= m["model"]["parameter_bytes"] < m["weights"]["referenced_bytes"]
     keep = session.manifest["pop"]["prefill_layers"]
     assert keep < session.manifest["pop"]["num_layers"]
     loaded = hf_models(name)
