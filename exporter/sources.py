@@ -5,6 +5,7 @@ already in the local HF cache.  GGUF files are dequantized once and cached as an
 HF directory, keyed by the file's sha256.
 """
 import hashlib
+import json
 import importlib.util
 import os
 import shutil
@@ -83,13 +84,36 @@ def _from_dir(path, dtype, **kw):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     if "gguf_file" not in kw and hasattr(AutoConfig.from_pretrained(path), "vision_config"):
-        from transformers import AutoProcessor
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-        processor = AutoProcessor.from_pretrained(path)
+        processor = _vlm_processor(path, model.config)
         return model, processor.tokenizer, processor
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kw).eval()
     tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kw.items() if k == "gguf_file"})
     return model, tok, None
+
+
+def _vlm_processor(path, config):
+    """The model's HF processor; for Qwen3-VL without its video half when that
+    cannot load (its video processor needs torchvision)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, ValueError, AttributeError, OSError):
+        processor = None
+    if hasattr(processor, "image_processor"):
+        return processor
+    if config.model_type != "qwen3_vl":
+        raise PopError(f"{path}: its image processor cannot be loaded (preprocessor_config.json)")
+    from .families.qwen3_vl import image_only_processor
+    template = None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        f = Path(path) / name
+        if f.is_file():
+            text = f.read_text()
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            break
+    return image_only_processor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                                template)
 
 
 def _from_gguf(path: Path, dtype: str, progress=print):

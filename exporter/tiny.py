@@ -64,17 +64,6 @@ def byte_tokenizer(extra_specials=(), **named):
                                    **({"extra_special_tokens": named} if named else {}))
 
 
-def _image_only_qwen3_vl_processor():
-    from transformers import Qwen3VLProcessor
-
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        """Qwen3VLProcessor without its video processor, whose class needs torchvision."""
-
-        def __init__(self, image_processor, tokenizer, chat_template=None):
-            super().__init__(image_processor, tokenizer, chat_template=chat_template)
-    return ImageOnlyQwen3VLProcessor
-
-
 def _tiny_qwen3_vl():
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
     tok = byte_tokenizer(QWEN_SPECIALS)
@@ -93,7 +82,8 @@ def _tiny_qwen3_vl():
     # Pixel bounds small enough that a test image is a handful of patches.
     images = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
                                       size={"shortest_edge": 32 * 32, "longest_edge": 160 * 160})
-    processor = _image_only_qwen3_vl_processor()(images, tok, chat_template=QWEN_TEMPLATE)
+    from .families.qwen3_vl import image_only_processor
+    processor = image_only_processor(images, tok, QWEN_TEMPLATE)
     tok.chat_template = QWEN_TEMPLATE
     return Qwen3VLForConditionalGeneration, config, processor
 

@@ -55,6 +55,17 @@ class Qwen3VLAdapter(Qwen3Adapter):
                             "out_hidden": self.cfg.hidden_size}}
 
 
+def image_only_processor(image_processor, tokenizer, chat_template=None):
+    """HF's Qwen3VLProcessor without its video processor, whose class needs
+    torchvision (absent here, and not needed for images)."""
+    from transformers import Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        def __init__(self, image_processor, tokenizer, chat_template=None):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template)
+    return ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+
+
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
