@@ -142,23 +142,27 @@ def test_generate_cli_with_an_image(exports, tmp_path):
     assert len(result["output_ids"]) >= 1 and result["vision_ms"] > 0
 
 
-def test_export_from_a_hub_style_folder(exports, tmp_path):
-    """A Qwen3-VL folder as the hub lays it out (weights, tokenizer, preprocessor,
-    chat template, and a video processor config that needs torchvision) exports
-    to the same graphs as the preset."""
+@pytest.mark.parametrize("name", VLMS)
+def test_export_from_a_hub_style_folder(name, exports, tmp_path):
+    """A folder as the hub lays it out (weights, tokenizer, preprocessor, chat
+    template; for Qwen3-VL also a video processor config, whose class needs
+    torchvision) exports to the same graphs as the preset."""
     from pop.exporter import tiny
     from pop.exporter.export import export
-    model, tok, processor = tiny.build("tiny-qwen3-vl")
-    folder = tmp_path / "Qwen3-VL-tiny"
+    model, tok, processor = tiny.build(name)
+    folder = tmp_path / f"{name}-hub"
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    processor.image_processor.save_pretrained(folder)
-    (folder / "chat_template.jinja").write_text(processor.chat_template)
-    (folder / "video_preprocessor_config.json").write_text(
-        '{"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor"}')
+    if name == "tiny-qwen3-vl":
+        tok.save_pretrained(folder)
+        processor.image_processor.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(processor.chat_template)
+        (folder / "video_preprocessor_config.json").write_text(
+            '{"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor"}')
+    else:
+        processor.save_pretrained(folder)
     out, manifest = export(str(folder), tmp_path / "out", progress=lambda m: None)
     assert manifest["verification"]["passed"] and manifest["model"]["source"]["kind"] == "dir"
-    preset = PopSession.load(exports("tiny-qwen3-vl"))
+    preset = PopSession.load(exports(name))
     assert manifest["vision"] == preset.manifest["vision"]
     images = [picture(70, 45, 0)]
     text = preset.chat_prompt("Describe the image.", 1)
