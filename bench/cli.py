@@ -204,13 +204,15 @@ def _bench_images(args, manifest, session, shapes, threads):
                              "expected_speedup": expected,
                              "expected_speedup_without_vision": cost.expected_speedup(shapes, n),
                              "measured_over_expected": r["speedup"]["median"] / expected,
-                             "vision_ms": r["vision"], "decode_ms_per_token": r["decode_per_token"],
+                             "vision_ms": r["vision"], "prepare_ms": r["prepare"],
+                             "decode_ms_per_token": r["decode_per_token"],
                              "graphs_ms": {"prefill": r["prefill"], "boundary": r["boundary"],
                                            "decode_step": r["decode_step"], "full_prefill": r["full_prefill"]},
                              "flops": {"vision": vision, "pop_ttft": b * vision + cost.ttft(shapes, n, "pop", b),
                                        "full_ttft": b * vision + cost.ttft(shapes, n, "full", b)},
                              "peak_rss_bytes": r["peak_rss_bytes"], "first_tokens": r["first_tokens"]})
-                bar.write(f"batch {b} image {w}x{h} ({n} tokens): vision {r['vision']['median']:.1f} ms, "
+                bar.write(f"batch {b} image {w}x{h} ({n} tokens): preprocessing {r['prepare']['median']:.1f} ms, "
+                          f"vision {r['vision']['median']:.1f} ms, "
                           f"POP {r['pop_ttft']['median']:.1f} ms, full {r['full_ttft']['median']:.1f} ms, "
                           f"speedup {r['speedup']['median']:.2f} (expected {expected:.2f})")
     _write(args, manifest, threads, shapes, rows, [])

@@ -46,7 +46,7 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
     With images (VLM artifacts), ids are chat texts and images one list per row."""
     rows = list(ids) if images is not None else [list(map(int, r)) for r in ids]
     samples = {k: [] for k in ("pop_ttft", "full_ttft", "speedup", "prefill", "boundary", "full_prefill",
-                               "decode_step", "decode_per_token", "vision")}
+                               "decode_step", "decode_per_token", "vision", "prepare")}
     first_tokens = {}
     reset = reset_peak_rss()
     for i in range(warmup + runs):
@@ -69,6 +69,7 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
         samples["boundary"].append(pop["boundary_ms"])
         samples["full_prefill"].append(full["prefill_ms"])
         samples["vision"] += [pop["vision_ms"], full["vision_ms"]]
+        samples["prepare"] += [pop["prepare_ms"], full["prepare_ms"]]
         if pop["decode_ms"]:
             samples["decode_step"] += pop["decode_ms"]
             samples["decode_per_token"].append(float(np.mean(pop["decode_ms"])))

@@ -15,11 +15,11 @@ def _ms(s, digits=1):
 
 def table(report) -> str:
     images = any("image_size" in r for r in report["results"])
-    head = ["batch", *(["image", "vision ms"] if images else []), "prompt", "POP TTFT ms", "full TTFT ms", "speedup",
+    head = ["batch", *(["image", "preprocess ms", "vision ms"] if images else []), "prompt", "POP TTFT ms", "full TTFT ms", "speedup",
             "expected", "meas/exp", "prefill ms", "boundary ms", "decode ms/tok", "peak RSS MB"]
     lines = []
     for r in report["results"]:
-        image = ["x".join(map(str, r["image_size"])), _ms(r["vision_ms"])] if images else []
+        image = ["x".join(map(str, r["image_size"])), _ms(r["prepare_ms"]), _ms(r["vision_ms"])] if images else []
         lines.append([str(r["batch"]), *image, str(r["prompt_len"]), _ms(r["pop_ttft_ms"]), _ms(r["full_ttft_ms"]),
                       _ms(r["speedup"], 2), f"{r['expected_speedup']:.2f}", f"{r['measured_over_expected']:.2f}",
                       _ms(r["graphs_ms"]["prefill"]), _ms(r["graphs_ms"]["boundary"]),

@@ -184,6 +184,7 @@ class PopSession:
         self._rows = b
         self.kv.mask[:n] = mask.T
         stats = {} if stats is None else stats
+        stats["prepare_ms"] = (time.perf_counter() - t0) * 1e3  # tokenizing; for images also loading and resizing
         stats["vision_ms"] = 0.0
         if self.mm is not None:
             self._encoded, stats["vision_ms"] = self.mm.encode(state) if state is not None else (self.mm.empty(), 0.0)
