@@ -115,12 +115,12 @@ class _ImageRequest:
 
         self.mm = Multimodal(spec, backend, manifest)
         pixels = self.images["pixel_values"].float().numpy().astype(self.mm.dtype)
-        if self.qwen:
+        if self.qwen:  # HF's pixels, the runtime's tables: the graph is what is checked here
             grids = self.images["image_grid_thw"].numpy()
-            state = {"feeds": {"pixel_values": pixels, **self.mm.images.vision_inputs(grids)}, "grids": grids}
+            request = ({"pixel_values": pixels, **self.mm.images.vision_inputs(grids)}, grids)
         else:
-            state = {"feeds": {"pixel_values": pixels}, "grids": None}
-        self.encoded, _ = self.mm.encode(state)
+            request = ({"pixel_values": pixels}, len(pixels))
+        self.encoded, _ = self.mm.encode(request)
         with torch.no_grad():
             ref = hf_model.model.get_image_features(**self.images, return_dict=True)
         ref_embeds = ref.pooler_output

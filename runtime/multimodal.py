@@ -14,14 +14,15 @@ import time
 import numpy as np
 
 from .errors import PopError
-from .vision import processor_for
+from .vision import processor_for, split_placeholders
 
 
 class Multimodal:
+    """Family-independent: what differs per family is in runtime/vision/<family>.py."""
+
     def __init__(self, spec, backend, manifest):
         self.spec, self.backend = spec, backend
         self.images = processor_for(spec)
-        self.family = spec["family"]
         self.inputs = spec["merge"]["inputs"]
         self.token_id = spec["image_token_id"]
         graph = manifest["graphs"]["decode"]["inputs"]
@@ -31,36 +32,29 @@ class Multimodal:
 
     # --- before tokenizing -------------------------------------------------
     def prepare(self, texts, images):
-        """Expanded texts, and what the vision graph needs.  images: one list per text."""
+        """Expanded texts, and a request state: (vision graph inputs, family state), or None
+        when no row has an image.  images: one list per text."""
         if len(images) != len(texts):
             raise PopError(f"{len(images)} image lists for {len(texts)} prompts")
-        flat = [img for row in images for img in row]
-        if self.family == "qwen3_vl":
-            pixels, grids = self.images.pixels(flat) if flat else (None, np.zeros((0, 3), np.int64))
-            out, start = [], 0
-            for text, row in zip(texts, images):
-                out.append(self.images.expand(text, grids[start:start + len(row)]))
-                start += len(row)
-            feeds = {"pixel_values": pixels, **self.images.vision_inputs(grids)} if flat else None
-            return out, {"feeds": feeds, "grids": grids}
-        out = [self.images.expand(text, len(row)) for text, row in zip(texts, images)]
-        return out, {"feeds": {"pixel_values": self.images.pixels(flat)} if flat else None, "grids": None}
+        if not any(images):
+            for text in texts:
+                split_placeholders(text, self.spec["image_token"], 0)  # a placeholder with no image fails here
+            return texts, None
+        expanded, feeds, state = self.images.request(texts, images)
+        return expanded, (feeds, state)
 
     # --- the vision graph ----------------------------------------------------
-    def encode(self, state):
+    def encode(self, request):
         """Runs the vision graph: {"image_embeds": [M, H], ("deepstack_embeds": [n, M, H])}, ms."""
-        if state["feeds"] is None:
+        if request is None:
             return self.empty(), 0.0
+        feeds, state = request
         t = time.perf_counter()
-        if self.family == "qwen3_vl":
-            tokens = int(sum(self.images.tokens_per_image(g) for g in state["grids"]))
-        else:
-            tokens = len(state["feeds"]["pixel_values"]) * int(self.spec["tokens_per_image"])
+        tokens = self.images.image_tokens(state)
         out = {"image_embeds": np.zeros((tokens, self.hidden), self.dtype)}
         if self.deepstack:
             out["deepstack_embeds"] = np.zeros((self.deepstack, tokens, self.hidden), self.dtype)
-        feeds = {k: np.ascontiguousarray(v) for k, v in state["feeds"].items()}
-        self.backend.run("vision", feeds, out)
+        self.backend.run("vision", {k: np.ascontiguousarray(v) for k, v in feeds.items()}, out)
         return out, (time.perf_counter() - t) * 1e3
 
     def empty(self):
@@ -79,15 +73,13 @@ class Multimodal:
         if (ids[:, -1] == self.token_id).any():
             raise PopError("a prompt ends inside an image: the last prompt token must be text")
 
-    def positions(self, ids, mask, state):
-        """[3, B, N] M-RoPE positions for Qwen3-VL, else None (the text rule applies)."""
-        if self.family != "qwen3_vl":
-            return None
-        return self.images.positions(ids, mask, state["grids"])[0]
+    def positions(self, ids, mask, request):
+        """[3, B, N] M-RoPE positions (Qwen3-VL), else None: the text rule applies."""
+        return self.images.positions(ids, mask, request[1])[0]
 
     def groups(self, ids, mask):
-        """[B, N] image numbers for bidirectional attention, else None."""
-        return self.images.token_groups(ids, mask) if "token_groups" in self.inputs else None
+        """[B, N] image numbers for bidirectional attention (Gemma-3), else None."""
+        return self.images.token_groups(ids, mask)
 
     def feeds(self, window, encoded, groups):
         """Extra inputs of a graph run over the token window [B, T].

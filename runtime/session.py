@@ -138,7 +138,7 @@ class PopSession:
     def _prepare(self, prompts, images=None):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
-        state = None
+        request = None  # a VLM request's images, once preprocessed
         chat = [isinstance(p, ChatText) for p in prompts]
         if images is not None:
             if self.mm is None:
@@ -146,7 +146,7 @@ class PopSession:
                                f"images need a vision-language model export")
             if not all(isinstance(p, str) for p in prompts):
                 raise PopError("images go with text prompts (their placeholders are expanded before tokenizing)")
-            prompts, state = self.mm.prepare(prompts, images)
+            prompts, request = self.mm.prepare(prompts, images)
         rows = [self.encode(p, c) if isinstance(p, str) else [int(t) for t in p] for p, c in zip(prompts, chat)]
         if not rows or any(len(r) == 0 for r in rows):
             raise PopError("empty prompt")
@@ -163,9 +163,9 @@ class PopSession:
             ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
         pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1)  # as HF derives positions for padded rows
         if self.position_axes > 1:
-            mrope = self.mm.positions(ids, mask, state) if state is not None else None
+            mrope = self.mm.positions(ids, mask, request) if request is not None else None
             pos = mrope if mrope is not None else np.broadcast_to(pos, (self.position_axes, *pos.shape))
-        return rows, ids, mask, pos, state
+        return rows, ids, mask, pos, request
 
     def steps(self, prompts, max_new_tokens=64, mode="pop", sampler=None, stats=None, images=None):
         """Yields the next token of every row, [batch], once per step.
@@ -178,7 +178,7 @@ class PopSession:
             raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         sampler = sampler or Sampler()
         t0 = time.perf_counter()  # TTFT starts with the raw prompt: image preprocessing counts
-        rows, ids, mask, pos, state = self._prepare(prompts, images)
+        rows, ids, mask, pos, request = self._prepare(prompts, images)
         b, n = ids.shape
         self._ensure(b)
         self._rows = b
@@ -187,7 +187,7 @@ class PopSession:
         stats["prepare_ms"] = (time.perf_counter() - t0) * 1e3  # tokenizing; for images also loading and resizing
         stats["vision_ms"] = 0.0
         if self.mm is not None:
-            self._encoded, stats["vision_ms"] = self.mm.encode(state) if state is not None else (self.mm.empty(), 0.0)
+            self._encoded, stats["vision_ms"] = self.mm.encode(request)
             self.mm.check(ids, mask, self._encoded)
             groups = self.mm.groups(ids, mask)
             slots = self._groups[:self.max_seq_len * b].reshape(self.max_seq_len, b)

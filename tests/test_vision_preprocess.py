@@ -12,8 +12,8 @@ from transformers import (Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTo
                           Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLModel, vision_utils)
 from transformers.image_utils import PILImageResampling
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
-from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
+from pop.exporter.families.qwen3_vl import image_only_processor
 from pop.runtime.chat import render, user_message
 from pop.runtime.errors import PopError
 from pop.runtime.vision import load_image, processor_for
@@ -36,17 +36,10 @@ def byte_tokenizer(specials, **named):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", padding_side="left", **named)
 
 
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3VLProcessor minus its video processor, whose base class needs torchvision."""
-
-    def __init__(self, image_processor, tokenizer, chat_template=None):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
-
-
 def qwen_processor(min_pixels=64 * 64, max_pixels=256 * 256):
     images = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
                                       min_pixels=min_pixels, max_pixels=max_pixels)
-    return ImageOnlyQwen3VLProcessor(images, byte_tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>"))
+    return image_only_processor(images, byte_tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>"))
 
 
 def qwen_model(processor):

@@ -20,6 +20,18 @@ class Gemma3Images:
     def __init__(self, spec: dict):
         self.spec = spec
 
+    def request(self, texts: list, images: list):
+        """(texts with placeholders expanded, vision graph inputs, state: the image count)."""
+        flat = [image for row in images for image in row]
+        expanded = [self.expand(text, len(row)) for text, row in zip(texts, images)]
+        return expanded, {"pixel_values": self.pixels(flat)}, len(flat)
+
+    def image_tokens(self, num_images) -> int:
+        return num_images * int(self.spec["tokens_per_image"])
+
+    def positions(self, ids, mask, state):
+        return None, None  # one position axis: the text rule applies
+
     def pixels(self, images: list) -> np.ndarray:
         """Images -> float32 [num_images, 3, S, S], each squashed to S x S (aspect ratio not kept, as HF)."""
         size = self.spec["image_size"]

@@ -46,6 +46,24 @@ class Qwen3VLImages:
         self.merge = spec["merge_size"]
         self.temporal = spec["temporal_patch_size"]
 
+    # ---- one request ------------------------------------------------------------------------
+
+    def request(self, texts: list, images: list):
+        """(texts with placeholders expanded, vision graph inputs, state for positions and counts);
+        images: one non-empty-overall list per text."""
+        patches, grids = self.pixels([image for row in images for image in row])
+        expanded, start = [], 0
+        for text, row in zip(texts, images):
+            expanded.append(self.expand(text, grids[start:start + len(row)]))
+            start += len(row)
+        return expanded, {"pixel_values": patches, **self.vision_inputs(grids)}, grids
+
+    def image_tokens(self, grids) -> int:
+        return int(sum(self.tokens_per_image(g) for g in grids))
+
+    def token_groups(self, ids, mask):
+        return None  # Qwen3-VL's image tokens attend causally, like text
+
     # ---- pixels -------------------------------------------------------------------------
 
     def pixels(self, images: list):
