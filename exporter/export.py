@@ -216,12 +216,16 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
                               "weights_if_stored_per_graph_bytes": stored["referenced_bytes"], **memory}
 
         if backend == "trt":
+            problems = [f"{g['file']}: {p}" for g in manifest["graphs"].values()
+                        for p in to_tensorrt.unsupported(tmp / g["file"])]
+            if problems:
+                raise PopError("TensorRT cannot parse the exported graphs: " + "; ".join(problems))
             ok, why = to_tensorrt.available()
             if not ok:
                 trt_missing = why
             else:
-                ranges = to_tensorrt.axis_ranges(max_batch, max_seq_len)
-                for name in ("prefill", "decode"):
+                ranges = to_tensorrt.axis_ranges(max_batch, max_seq_len, manifest.get("vision"))
+                for name in manifest["graphs"]:
                     progress(f"building the TensorRT engine for {name}")
                     manifest["engines"][name] = to_tensorrt.build_engine(
                         tmp / f"{name}.onnx", tmp / f"{name}.engine", manifest["graphs"][name], ranges)

@@ -89,11 +89,14 @@ def extra_inputs(adapter):
 
 
 def _scatter(h, index, rows, add=False):
-    """h [B,T,H] with rows [M,H] written (or added) at flat token positions index [M]."""
+    """h [B,T,H] with rows [M,H] written (or added) at flat token positions index [M].
+
+    An add is a gather, a sum and a plain scatter: the positions are distinct,
+    and TensorRT's ScatterND takes no `reduction` (its ONNX operator matrix)."""
     b, t, d = h.shape
     flat = h.reshape(b * t, d)
-    flat = flat.index_add(0, index, rows.to(h.dtype)) if add else flat.index_copy(0, index, rows.to(h.dtype))
-    return flat.reshape(b, t, d)
+    rows = rows.to(h.dtype)
+    return flat.index_copy(0, index, flat[index] + rows if add else rows).reshape(b, t, d)
 
 
 class _PopGraph(nn.Module):

@@ -7,9 +7,13 @@ come from the symbolic axes the manifest records.  TensorRT cannot be
 installed everywhere; `available()` says why it is missing, and nothing here
 pretends to build an engine without it.
 """
+import functools
+import json
 from pathlib import Path
 
 from pop.runtime.errors import PopError
+
+OPS_FILE = Path(__file__).with_name("tensorrt_onnx_ops.json")  # ONNX-TensorRT's operator matrix, with its source
 
 
 def available():
@@ -21,15 +25,76 @@ def available():
     return True, trt.__version__
 
 
-def axis_ranges(max_batch, max_seq_len):
+def axis_ranges(max_batch, max_seq_len, vision=None):
     """min/opt/max per symbolic axis.  opt is the common serving case: one
-    prompt of a few hundred tokens for prefill, one token for decode."""
+    prompt of a few hundred tokens for prefill, one token for decode.
+    `vision` is the manifest's vision section (VLMs); without it the axes of
+    the image inputs use the Qwen3-VL / Gemma-3 defaults."""
+    vision = vision or {}
+    tokens = max_batch * max_seq_len  # every new token of every row may be an image token
+    per_token = vision.get("merge_size", 2) ** 2  # Qwen3-VL: merge_size**2 patches make one token
+    per_image = vision.get("tokens_per_image", 256)  # Gemma-3: a fixed number of tokens per image
     return {
         "batch": (1, 1, max_batch),
         "seq": (1, min(512, max_seq_len), max_seq_len),
         "past": (0, min(512, max_seq_len - 1), max_seq_len - 1),
         "total": (1, min(513, max_seq_len), max_seq_len),
+        # min 0: decode steps and text-only prompts pass empty image tensors.  opt 0 too: that is the
+        # hot path, and the merge is a gather/scatter whose cost hardly depends on this axis.
+        "image_tokens": (0, 0, tokens),
+        # The vision graph runs once over the images of all rows together (runtime/multimodal.py), so
+        # its bound follows the image tokens' bound; a smaller max would refuse legal requests.
+        # opt: one image of 256 tokens.
+        "patches": (per_token, per_token * min(256, tokens), per_token * tokens),
+        "images": (1, 1, max(1, tokens // per_image)),
     }
+
+
+@functools.cache
+def support_matrix():
+    return json.loads(OPS_FILE.read_text())
+
+
+def _nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:  # If/Loop/Scan bodies
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _nodes(sub)
+
+
+def unsupported(onnx_path):
+    """One line per reason TensorRT's ONNX parser would refuse this graph, judged on CPU from
+    the operator matrix (types and per-op restrictions are not checked); [] when none."""
+    import onnx
+    matrix = support_matrix()
+    source, ops = matrix["source"], matrix["operators"]
+    where = f"ONNX-TensorRT's operator matrix for TensorRT {source['tensorrt']}"
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    problems = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not source["opset_min"] <= opset <= source["opset_max"]:
+        problems.append(f"default-domain opset {opset} is outside {source['opset_min']}..{source['opset_max']} ({where})")
+    # TensorRT inlines model-local functions, so their bodies are what it must parse
+    local = {(f.domain, f.name) for f in model.functions}
+    nodes = [*_nodes(model.graph), *(n for f in model.functions for n in _nodes(f))]
+    counts = {}
+    for node in nodes:
+        reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+        if node.op_type == "ScatterND" and reduction != "none":
+            # the matrix's restriction: "`reduction` other than `none` is not supported"
+            problems.append(f"{node.op_type} with reduction={reduction}: not supported ({where})")
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (node.domain, node.op_type) not in local:
+            counts[domain, node.op_type] = counts.get((domain, node.op_type), 0) + 1
+    for (domain, op), n in sorted(counts.items()):
+        if domain:
+            problems.append(f"{op} (domain {domain}, {n} nodes): not a standard ONNX operator; TensorRT needs a plugin")
+        elif op not in ops:
+            problems.append(f"{op} ({n} nodes): not listed in {where}")
+        elif not ops[op]["supported"]:
+            problems.append(f"{op} ({n} nodes): marked unsupported in {where}")
+    return problems
 
 
 def build_engine(onnx_path: Path, engine_path: Path, io: dict, ranges: dict, workspace_gib=4):
