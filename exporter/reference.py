@@ -117,24 +117,28 @@ def cache_tensors(cache):
     return [(layer.keys.permute(2, 0, 1, 3), layer.values.permute(2, 0, 1, 3)) for layer in cache.layers]
 
 
-@torch.no_grad()
-def generate_with_images(hf_model, inputs, keep, max_new_tokens=16, eos_ids=()):
-    """Greedy POP generation for a VLM, from its HF processor's output (one or more rows).
-
-    Positions follow HF: Qwen3-VL's get_rope_index (M-RoPE) for the prompt, then
-    one more per token on every axis; other families count real tokens.
-    """
+def image_inputs(hf_model, inputs):
+    """From an HF processor's output: (positions as HF derives them, and a function
+    giving HF's image inputs for a forward over tokens [:end]).  Qwen3-VL's positions
+    are its get_rope_index (M-RoPE); other families count real tokens."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
     types = inputs.get("mm_token_type_ids", inputs.get("token_type_ids"))
     if hasattr(hf_model.model, "get_rope_index"):
         pos = hf_model.model.get_rope_index(ids, types, images.get("image_grid_thw"), attention_mask=mask)[0]
-        images["mm_token_type_ids"] = types[:, :-1]
+        key = "mm_token_type_ids"
     else:
-        pos = positions(mask)
-        if "pixel_values" in images:
-            images["token_type_ids"] = types[:, :-1]
-    cache = prefill(hf_model, ids[:, :-1], mask[:, :-1], keep, pos[..., :-1], **images)
+        pos, key = positions(mask), "token_type_ids"
+    return pos, lambda end: {**images, key: types[:, :end]} if "pixel_values" in images else {}
+
+
+@torch.no_grad()
+def generate_with_images(hf_model, inputs, keep, max_new_tokens=16, eos_ids=()):
+    """Greedy POP generation for a VLM, from its HF processor's output (one row);
+    positions advance by one per token on every axis after the prompt."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pos, images = image_inputs(hf_model, inputs)
+    cache = prefill(hf_model, ids[:, :-1], mask[:, :-1], keep, pos[..., :-1], **images(ids.shape[1] - 1))
     tokens, step_pos, out = ids[:, -1:], pos[..., -1:], []
     for _ in range(max_new_tokens):
         logits = step(hf_model, tokens, mask, cache, step_pos)

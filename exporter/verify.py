@@ -103,15 +103,11 @@ class _ImageRequest:
         inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         self.ids, self.mask = inputs["input_ids"], inputs["attention_mask"]
         self.images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        self.types = inputs.get("mm_token_type_ids", inputs.get("token_type_ids"))
+        self.pos, self.hf_images = reference.image_inputs(hf_model, inputs)
         self.qwen = spec["family"] == "qwen3_vl"
-        if self.qwen:
-            self.pos = hf_model.model.get_rope_index(self.ids, self.types, self.images["image_grid_thw"],
-                                                     attention_mask=self.mask)[0]
-        else:
-            self.pos = reference.positions(self.mask)
         self.lengths = self.mask.sum(-1).tolist()
-        self.report = {"prompt_lengths": self.lengths, "image_tokens": int((self.types == 1).sum())}
+        types = inputs.get("mm_token_type_ids", inputs.get("token_type_ids"))
+        self.report = {"prompt_lengths": self.lengths, "image_tokens": int((types == 1).sum())}
 
         self.mm = Multimodal(spec, backend, manifest)
         pixels = self.images["pixel_values"].float().numpy().astype(self.mm.dtype)
@@ -134,11 +130,6 @@ class _ImageRequest:
             report["deepstack_scale"] = max(1.0, _scale(deep))
         groups = self.mm.groups(self.ids.numpy(), self.mask.numpy())
         self.groups = None if groups is None else np.ascontiguousarray(groups.T)
-
-    def hf_images(self, end):
-        """HF's image inputs for a forward over tokens [:end] (all images lie before the last token)."""
-        key = "mm_token_type_ids" if self.qwen else "token_type_ids"
-        return {**self.images, key: self.types[:, :end]}
 
     def extra(self, window, end):
         groups = None if self.groups is None else np.ascontiguousarray(self.groups[:end])

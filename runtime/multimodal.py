@@ -29,6 +29,7 @@ class Multimodal:
         embeds = next(i for i in graph if i["name"] == "image_embeds")
         self.hidden, self.dtype = int(embeds["shape"][-1]), np.dtype(embeds["dtype"])
         self.deepstack = int(spec.get("deepstack_layers", 0))
+        self._empty = self._features(0)  # allocated once: every decode step passes it
 
     # --- before tokenizing -------------------------------------------------
     def prepare(self, texts, images):
@@ -50,18 +51,18 @@ class Multimodal:
             return self.empty(), 0.0
         feeds, state = request
         t = time.perf_counter()
-        tokens = self.images.image_tokens(state)
-        out = {"image_embeds": np.zeros((tokens, self.hidden), self.dtype)}
-        if self.deepstack:
-            out["deepstack_embeds"] = np.zeros((self.deepstack, tokens, self.hidden), self.dtype)
+        out = self._features(self.images.image_tokens(state))
         self.backend.run("vision", {k: np.ascontiguousarray(v) for k, v in feeds.items()}, out)
         return out, (time.perf_counter() - t) * 1e3
 
     def empty(self):
         """What a text-only window passes: M = 0."""
-        out = {"image_embeds": np.zeros((0, self.hidden), self.dtype)}
+        return self._empty
+
+    def _features(self, tokens):
+        out = {"image_embeds": np.zeros((tokens, self.hidden), self.dtype)}
         if self.deepstack:
-            out["deepstack_embeds"] = np.zeros((self.deepstack, 0, self.hidden), self.dtype)
+            out["deepstack_embeds"] = np.zeros((self.deepstack, tokens, self.hidden), self.dtype)
         return out
 
     # --- after tokenizing ----------------------------------------------------
