@@ -8,17 +8,21 @@ Nothing is concatenated or copied per step.
 
 The storage is allocated once for the largest batch seen; a request of batch b
 uses the first part of it, viewed with b as the batch axis, so its blocks stay
-contiguous too.
+contiguous too.  Where it lives is the backend's choice (`zeros`): a numpy
+array on the CPU, device memory for the GPU backends, whose views are the same
+blocks as addresses (backends/cuda.py, DeviceArray).  The mask stays on the
+host either way: it is a few bytes per slot, and the session writes it.
 """
 import numpy as np
 
 
 class KVBuffer:
-    def __init__(self, num_layers, kv_heads, head_dim, max_seq_len, dtype, batch=1):
+    def __init__(self, num_layers, kv_heads, head_dim, max_seq_len, dtype, batch=1, zeros=np.zeros):
         self.shape = (num_layers, 2, max_seq_len, kv_heads, head_dim)  # batch goes in at axis 3
         self.max_seq_len = max_seq_len
         self.dtype = np.dtype(dtype)
-        self._storage = np.zeros(0, self.dtype)
+        self._zeros = zeros
+        self._storage = zeros(0, self.dtype)
         self._mask_storage = np.zeros(0, np.int64)
         self.use(batch)
 
@@ -27,7 +31,8 @@ class KVBuffer:
         l, two, s, h, d = self.shape
         need = l * two * s * batch * h * d
         if need > self._storage.size:
-            self._storage = np.zeros(need, self.dtype)
+            self._storage = None  # let the old allocation go before the new one is made
+            self._storage = self._zeros(need, self.dtype)
             self._mask_storage = np.zeros(s * batch, np.int64)
         self.batch = batch
         self.cache = self._storage[:need].reshape(l, two, s, batch, h, d)

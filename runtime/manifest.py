@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .errors import PopError
 
 FILE = "pop_manifest.json"
@@ -17,6 +19,14 @@ READABLE = (1, 2)  # a version-1 manifest is a text model's version 2
 
 REQUIRED = ("format", "schema_version", "model", "pop", "dtype", "max_seq_len", "kv_cache",
             "graphs", "weights", "tokenizer", "generation", "provenance")
+
+
+def np_dtype(name):
+    """The numpy dtype of a manifest dtype name; bfloat16 comes from ml_dtypes (an onnx dependency)."""
+    if str(name) == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def write(directory: Path, manifest: dict) -> Path:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .errors import PopError
+from .manifest import np_dtype
 from .vision import processor_for, split_placeholders
 
 
@@ -27,7 +28,7 @@ class Multimodal:
         self.token_id = spec["image_token_id"]
         graph = manifest["graphs"]["decode"]["inputs"]
         embeds = next(i for i in graph if i["name"] == "image_embeds")
-        self.hidden, self.dtype = int(embeds["shape"][-1]), np.dtype(embeds["dtype"])
+        self.hidden, self.dtype = int(embeds["shape"][-1]), np_dtype(embeds["dtype"])
         self.deepstack = int(spec.get("deepstack_layers", 0))
         self._empty = self._features(0)  # allocated once: every decode step passes it
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest as manifest_io
+from .manifest import np_dtype
 from .backends import open_backend
 from .errors import PopError
 from .kv import KVBuffer, decode_io, layer_names, prefill_io
@@ -54,9 +55,9 @@ class PopSession:
         self.eos_ids = set(manifest["tokenizer"]["eos_ids"])
         self.names = layer_names(manifest)
         self.kv = KVBuffer(self.num_layers, layers[0]["kv_heads"], layers[0]["head_dim"], self.max_seq_len,
-                           kv["dtype"])
+                           np_dtype(kv["dtype"]), zeros=backend.zeros)
         logits = next(o for o in manifest["graphs"]["decode"]["outputs"] if o["name"] == "logits")
-        self.vocab_size, self.logits_dtype = logits["shape"][-1], np.dtype(logits["dtype"])
+        self.vocab_size, self.logits_dtype = logits["shape"][-1], np_dtype(logits["dtype"])
         self.position_axes = int(manifest.get("positions", {}).get("axes", 1))
         self.mm = Multimodal(manifest["vision"], backend, manifest) if "vision" in manifest else None
         self._batch = 0
@@ -64,7 +65,8 @@ class PopSession:
 
     @classmethod
     def load(cls, directory, backend="ort", threads=None, prepack=False):
-        """prepack=True trades a private copy of the weights per graph for faster matmuls."""
+        """backend: ort (CPU), ort-cuda or trt (runtime/backends).  prepack=True trades a
+        private copy of the weights per graph for faster matmuls (ONNX Runtime on the CPU)."""
         directory = Path(directory)
         manifest = manifest_io.load(directory)
         from tokenizers import Tokenizer
@@ -126,13 +128,13 @@ class PopSession:
 
     def _run_prefill(self, ids, pos, length):
         extra = self._extra(ids, length)
-        self.backend.run("prefill", *prefill_io(self.kv, self.names, ids, pos, length, extra))
+        return self.backend.run("prefill", *prefill_io(self.kv, self.names, ids, pos, length, extra))
 
     def _run_decode(self, ids, pos, past, new):
         logits = self._logits[:ids.shape[0]]
         extra = self._extra(ids, past + new)
-        self.backend.run("decode", *decode_io(self.kv, self.names, ids, pos, past, new, logits, extra))
-        return logits
+        gpu_ms = self.backend.run("decode", *decode_io(self.kv, self.names, ids, pos, past, new, logits, extra))
+        return logits, gpu_ms
 
     # --- generation ----------------------------------------------------------
     def _prepare(self, prompts, images=None):
@@ -184,6 +186,7 @@ class PopSession:
         self._rows = b
         self.kv.mask[:n] = mask.T
         stats = {} if stats is None else stats
+        gpu = stats["gpu_ms"] = {}  # GPU backends: each graph's time on the device, from CUDA events
         stats["prepare_ms"] = (time.perf_counter() - t0) * 1e3  # tokenizing; for images also loading and resizing
         stats["vision_ms"] = 0.0
         if self.mm is not None:
@@ -196,17 +199,21 @@ class PopSession:
                 slots[:n] = groups.T
         t1 = time.perf_counter()
         if mode == "pop" and n > 1:
-            self._run_prefill(self._tokens(self._ids, ids, 0, n - 1), self._positions(pos, 0, n - 1), n - 1)
+            gpu["prefill"] = self._run_prefill(self._tokens(self._ids, ids, 0, n - 1),
+                                               self._positions(pos, 0, n - 1), n - 1)
             t2 = time.perf_counter()
             stats["prefill_ms"] = (t2 - t1) * 1e3
-            logits = self._run_decode(self._tokens(self._ids, ids, n - 1, 1), self._positions(pos, n - 1, 1), n - 1, 1)
+            logits, gpu["boundary"] = self._run_decode(self._tokens(self._ids, ids, n - 1, 1),
+                                                       self._positions(pos, n - 1, 1), n - 1, 1)
             stats["boundary_ms"] = (time.perf_counter() - t2) * 1e3
         else:
-            logits = self._run_decode(self._tokens(self._ids, ids, 0, n), self._positions(pos, 0, n), 0, n)
+            logits, gpu["prefill"] = self._run_decode(self._tokens(self._ids, ids, 0, n), self._positions(pos, 0, n), 0, n)
             stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3, 0.0
+            gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
         token = sampler(logits)
         stats["ttft_ms"] = (time.perf_counter() - t0) * 1e3
         stats["decode_ms"] = []
+        gpu["decode"] = []
         stats["prompt_ids"] = rows
         yield token
         next_pos = pos[..., -1].max(axis=0) + 1 if pos.ndim == 3 else pos[:, -1] + 1
@@ -217,9 +224,12 @@ class PopSession:
             step_ids[:, 0] = token
             step_pos[..., 0] = next_pos
             self.kv.mask[slot] = 1
-            token = sampler(self._run_decode(step_ids, step_pos, slot, 1))
+            logits, step_gpu = self._run_decode(step_ids, step_pos, slot, 1)
+            token = sampler(logits)
             next_pos += 1
             stats["decode_ms"].append((time.perf_counter() - t) * 1e3)
+            if step_gpu is not None:
+                gpu["decode"].append(step_gpu)
             yield token
 
     def generate(self, prompts, max_new_tokens=64, mode="pop", sampler=None, stop_at_eos=True,
@@ -245,7 +255,8 @@ class PopSession:
         return Generation(stats["prompt_ids"], out, [self.decode(o) for o in out], stats["ttft_ms"],
                           float(np.mean(decode)) if decode else None, reasons,
                           {"vision_ms": stats["vision_ms"], "prefill_ms": stats["prefill_ms"],
-                           "boundary_ms": stats["boundary_ms"], "decode_ms": decode})
+                           "boundary_ms": stats["boundary_ms"], "decode_ms": decode,
+                           **({"gpu_ms": stats["gpu_ms"]} if stats["gpu_ms"].get("prefill") is not None else {})})
 
     def stream(self, prompt, max_new_tokens=64, mode="pop", sampler=None, stop_at_eos=True, images=None):
         """Yields text pieces of one prompt's continuation as they are generated."""

@@ -1,4 +1,4 @@
-"""ONNX Runtime on the CPU, with weights held once and every tensor bound in place.
+"""ONNX Runtime, on the CPU or CUDA, with weights held once and every tensor bound in place.
 
 Weights: weights.bin is memory-mapped once, and each distinct tensor in it
 becomes one OrtValue that both sessions receive through
@@ -10,6 +10,17 @@ faster on gemma3-270m (README, "Memory"), so `prepack=True` offers that trade.
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
 the one KV buffer.
+
+CUDA (`ort-cuda`, needs onnxruntime-gpu and cuda-python: pip install .[gpu]):
+the KV buffer is device memory (backends/cuda.py) bound by address, so the
+cache never leaves the GPU; token ids, positions and the mask are bound from
+the host and the logits to the host, and ONNX Runtime copies those few bytes.
+The weights become CUDA OrtValues once, which both sessions use in place
+(AddInitializer keeps a user's initializer where it lies when that is where
+the graph plans it).  Both sessions run on one stream of ours
+(user_compute_stream), so CUDA events on it time them.  onnxruntime-gpu falls
+back to the CPU, with only a warning, when it cannot load CUDA or cuDNN, so
+the providers each session really got are checked.
 """
 from pathlib import Path
 
@@ -18,6 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import PopError
+from ..manifest import np_dtype
 
 
 def _external_initializers(model_path: Path):
@@ -33,16 +45,45 @@ def _external_initializers(model_path: Path):
         yield t.name, info["location"], int(info.get("offset", 0)), int(info["length"]), t.data_type, tuple(t.dims)
 
 
-class OrtBackend:
-    name = "ort"
-    device = "cpu"
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
-    def __init__(self, directory, manifest, threads=None, prepack=False):
+
+def require_provider(session, graph, provider):
+    """onnxruntime-gpu hands a graph to the CPU, with only a warning, when CUDA or
+    cuDNN cannot be loaded; what the session got is the only reliable answer."""
+    got = session.get_providers()
+    if got[0] != provider:
+        hint = (" (onnxruntime-gpu is not installed, or cannot load the CUDA/cuDNN libraries: pip install .[gpu], "
+                "and never onnxruntime beside it)" if provider == "CUDAExecutionProvider" else "")
+        raise PopError(f"ONNX Runtime runs the {graph} graph on {', '.join(got)}, not {provider}{hint}")
+
+
+def element_type(dtype):
+    """What IOBinding takes: a numpy type, or ONNX's code where numpy has none (bfloat16)."""
+    return onnx.TensorProto.BFLOAT16 if dtype == np_dtype("bfloat16") else dtype
+
+
+class OrtBackend:
+    def __init__(self, directory, manifest, threads=None, prepack=False, device="cpu"):
         directory = Path(directory)
+        self.device = device
+        self.name = "ort" if device == "cpu" else "ort-cuda"
         self.weights_file = directory / manifest["weights"]["file"]
         self._mmap = np.memmap(self.weights_file, dtype=np.uint8, mode="r")
         self._values = {}  # (offset, length, type, shape) -> OrtValue, one per distinct tensor
         self.sessions, self._bindings = {}, {}
+        if device == "cuda":
+            from . import cuda
+            cuda.runtime()  # a clear message when cuda-python or the GPU is missing, before any session
+            self.stream = cuda.Stream()
+            self.zeros = cuda.zeros
+            provider = "CUDAExecutionProvider"
+            providers = [(provider, {"device_id": 0, "user_compute_stream": str(self.stream.ptr)}),
+                         "CPUExecutionProvider"]  # the CPU takes what CUDA has no kernel for
+        else:
+            self.zeros = np.zeros
+            provider = "CPUExecutionProvider"
+            providers = [provider]
         for graph, spec in manifest["graphs"].items():
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -55,11 +96,10 @@ class OrtBackend:
                     raise PopError(f"{spec['file']} points at {location}, not the manifest's weights file")
                 opts.add_initializer(name, self._value(offset, length, elem, shape))
             try:
-                sess = ort.InferenceSession(str(directory / spec["file"]), opts, providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(str(directory / spec["file"]), opts, providers=providers)
             except Exception as e:  # ORT raises its own exception types for corrupt graphs
                 raise PopError(f"{spec['file']} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0]}") from None
-            if sess.get_providers()[0] != "CPUExecutionProvider":
-                raise PopError(f"ONNX Runtime runs {graph} on {sess.get_providers()}, expected the CPU")
+            require_provider(sess, graph, provider)
             self.sessions[graph] = sess
             self._bindings[graph] = sess.io_binding()
 
@@ -68,23 +108,45 @@ class OrtBackend:
         if key not in self._values:
             if offset + length > len(self._mmap):
                 raise PopError(f"{self.weights_file.name} is shorter than the graphs expect: corrupt artifacts")
-            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
             raw = self._mmap[offset:offset + length]
             if elem == onnx.TensorProto.BFLOAT16:
                 array = raw.view(np.uint16).reshape(shape)
             else:
-                array = raw.view(np_dtype).reshape(shape)
-            self._values[key] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, elem)
+                array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(elem)).reshape(shape)
+            if self.device == "cuda" and elem in FLOAT_TYPES:
+                # one device copy that both sessions use; integer constants stay on the host,
+                # where ONNX Runtime plans the shape arithmetic that reads them
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, elem, "cuda", 0)
+                value.update_inplace(np.ascontiguousarray(array))
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, elem)
+            self._values[key] = value
         return self._values[key]
 
     def run(self, graph, inputs, outputs):
+        """Runs one graph over the bound arrays; returns its GPU time in ms (CUDA events), or None on the CPU."""
         io = self._bindings[graph]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         for name, array in inputs.items():
-            assert array.flags.c_contiguous, name  # a strided view would bind the wrong bytes
-            io.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            io.bind_input(name, _device(array), 0, element_type(array.dtype), array.shape, _address(array, name))
         for name, array in outputs.items():
-            assert array.flags.c_contiguous, name
-            io.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            io.bind_output(name, _device(array), 0, element_type(array.dtype), array.shape, _address(array, name))
+        if self.device == "cpu":
+            self.sessions[graph].run_with_iobinding(io)
+            return None
+        self.stream.start()
         self.sessions[graph].run_with_iobinding(io)
+        return self.stream.stop()
+
+
+def _device(array):
+    """numpy arrays are host memory; the KV buffer's device views (backends/cuda.py) are not."""
+    return "cpu" if isinstance(array, np.ndarray) else "cuda"
+
+
+def _address(array, name):
+    if isinstance(array, np.ndarray):
+        assert array.flags.c_contiguous, name  # a strided view would bind the wrong bytes
+        return array.ctypes.data
+    return array.ptr
