@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pop.runtime.backends import BACKENDS
 from pop.runtime.errors import PopError, run_command
 
 from . import cost, measure, peers, report
@@ -63,6 +64,9 @@ def parser():
     p.add_argument("--prepack-weights", action="store_true",
                    help="let ONNX Runtime re-lay the weights per graph (as pop-generate's flag): faster at batch > 1, "
                         "more memory")
+    p.add_argument("--backend", default="ort", choices=BACKENDS,
+                   help="our runtime's backend (ort-cuda and trt need an NVIDIA GPU; their graph times come from "
+                        "CUDA events; peers run on the CPU, so with a GPU backend they are skipped)")
     p.add_argument("--json", dest="json_out", default=None, help="write the full report here")
     p.add_argument("--plot", default=None, help="write the speedup plot here (PNG)")
     return p
@@ -106,6 +110,10 @@ def bench(args):
 
     manifest = manifest_io.load(args.artifacts)  # fails fast, before anything is timed
     chosen = _check(args, int(manifest["max_seq_len"]))
+    if chosen and args.backend != "ort":
+        print(f"pop-bench: the peers run on the CPU, so they are not compared with --backend {args.backend}; "
+              f"not run", file=sys.stderr)
+        chosen = []
     if args.image_sizes:
         if "vision" not in manifest:
             raise PopError(f"--image-sizes needs vision-language artifacts; {manifest['model']['name']} is text-only")
@@ -114,7 +122,8 @@ def bench(args):
         chosen = []
     shapes = cost.Shapes.from_manifest(manifest)
     threads = args.threads or len(os.sched_getaffinity(0))
-    session = PopSession.load(args.artifacts, threads=threads, prepack=args.prepack_weights)
+    session = PopSession.load(args.artifacts, args.backend, threads=threads, prepack=args.prepack_weights)
+    args.device = session.backend.device
     tok = manifest["tokenizer"]
     if args.image_sizes:
         return _bench_images(args, manifest, session, shapes, threads)
@@ -135,6 +144,7 @@ def bench(args):
                          "decode_ms_per_token": r["decode_per_token"],
                          "graphs_ms": {"prefill": r["prefill"], "boundary": r["boundary"],
                                        "decode_step": r["decode_step"], "full_prefill": r["full_prefill"]},
+                         **({"gpu_ms": r["gpu"]} if r["gpu"] else {}),
                          "flops": {"pop_ttft": cost.ttft(shapes, n, "pop", b), "full_ttft": cost.ttft(shapes, n, "full", b)},
                          "peak_rss_bytes": r["peak_rss_bytes"], "first_tokens": r["first_tokens"]})
             bar.write(f"batch {b} prompt {n}: POP {r['pop_ttft']['median']:.1f} ms, full {r['full_ttft']['median']:.1f} ms, "
@@ -146,10 +156,17 @@ def bench(args):
     return 0
 
 
+def _gpu_name(device):
+    if device == "cpu":
+        return None
+    from pop.runtime.backends.cuda import device_info
+    return device_info()
+
+
 def _write(args, manifest, threads, shapes, rows, peer_reports):
     result = {
         "schema": "pop-bench/1", "model": manifest["model"]["name"], "artifacts": str(Path(args.artifacts).resolve()),
-        "backend": "ort", "device": "cpu", "threads": threads,
+        "backend": args.backend, "device": args.device, "gpu": _gpu_name(args.device), "threads": threads,
         "machine": {"cpu": _cpu_name(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
         "settings": {"prompt_lens": None if args.image_sizes else args.prompt_lens, "batch": args.batch,
                      "image_sizes": args.image_sizes, "new_tokens": args.new_tokens, "runs": args.runs,

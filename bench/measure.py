@@ -47,6 +47,7 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
     rows = list(ids) if images is not None else [list(map(int, r)) for r in ids]
     samples = {k: [] for k in ("pop_ttft", "full_ttft", "speedup", "prefill", "boundary", "full_prefill",
                                "decode_step", "decode_per_token", "vision", "prepare")}
+    gpu = {k: [] for k in ("pop_prefill", "pop_boundary", "full_prefill", "decode_step")}  # CUDA events
     first_tokens = {}
     reset = reset_peak_rss()
     for i in range(warmup + runs):
@@ -73,7 +74,13 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
         if pop["decode_ms"]:
             samples["decode_step"] += pop["decode_ms"]
             samples["decode_per_token"].append(float(np.mean(pop["decode_ms"])))
+        if pop["gpu_ms"].get("prefill") is not None:
+            gpu["pop_prefill"].append(pop["gpu_ms"]["prefill"])
+            gpu["pop_boundary"].append(pop["gpu_ms"]["boundary"])
+            gpu["full_prefill"].append(full["gpu_ms"]["prefill"])
+            gpu["decode_step"] += pop["gpu_ms"]["decode"]
     out = {k: stat(v) for k, v in samples.items()}
+    out["gpu"] = {k: stat(v) for k, v in gpu.items()} if gpu["pop_prefill"] else None
     out["peak_rss_bytes"] = peak_rss_bytes() if reset else None
     out["first_tokens"] = first_tokens
     out["prompt_tokens"] = len(stats["prompt_ids"][0])

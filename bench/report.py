@@ -26,6 +26,13 @@ def table(report) -> str:
                       _ms(r["decode_ms_per_token"], 2),
                       f"{r['peak_rss_bytes'] / 2**20:.0f}" if r["peak_rss_bytes"] else "-"])
     out = [_format(head, lines)]
+    gpu = [r for r in report["results"] if r.get("gpu_ms")]
+    if gpu:
+        out.append(f"GPU time per graph, CUDA events ({(report.get('gpu') or {}).get('name', 'GPU')}, "
+                   f"backend {report['backend']}):")
+        out.append(_format(["batch", "prompt", "POP prefill ms", "boundary ms", "full prefill ms", "decode step ms"],
+                           [[str(r["batch"]), str(r["prompt_len"]), *(_ms(r["gpu_ms"][k], 2) for k in
+                             ("pop_prefill", "pop_boundary", "full_prefill", "decode_step"))] for r in gpu]))
     for peer in report["peers"]:
         if not peer["available"]:
             out.append(f"{peer['name']}: not run ({peer['why']})")

@@ -117,4 +117,7 @@ def build_engine(onnx_path: Path, engine_path: Path, io: dict, ranges: dict, wor
     if engine is None:
         raise PopError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
     engine_path.write_bytes(bytes(engine))
-    return {"file": engine_path.name, "tensorrt": trt.__version__, "profile": {k: list(v) for k, v in ranges.items()}}
+    # an engine runs only under the TensorRT version and on the GPU that built it; the runtime checks both
+    from pop.runtime.backends.cuda import device_info
+    return {"file": engine_path.name, "tensorrt": trt.__version__, "gpu": device_info(),
+            "profile": {k: list(v) for k, v in ranges.items()}}

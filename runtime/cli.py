@@ -3,6 +3,7 @@ import argparse
 import json
 import sys
 
+from .backends import BACKENDS
 from .errors import PopError, run_command
 from .sampling import Sampler
 from .session import MODES, PopSession
@@ -36,7 +37,10 @@ def parser():
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--backend", default="ort", choices=BACKENDS,
+                   help="ort: ONNX Runtime on the CPU; ort-cuda: its CUDA provider; trt: the TensorRT engines "
+                        "(both GPU backends keep the KV cache in device memory)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (CPU)")
     p.add_argument("--prepack-weights", action="store_true",
                    help="let ONNX Runtime re-lay weights per graph: faster, but holds them twice in RAM")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -54,7 +58,7 @@ def _generate(args):
         sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise PopError(str(e)) from None
-    session = PopSession.load(args.artifacts, threads=args.threads, prepack=args.prepack_weights)
+    session = PopSession.load(args.artifacts, args.backend, threads=args.threads, prepack=args.prepack_weights)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     images = None
     if args.image:

