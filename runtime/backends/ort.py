@@ -22,6 +22,7 @@ the graph plans it).  Both sessions run on one stream of ours
 back to the CPU, with only a warning, when it cannot load CUDA or cuDNN, so
 the providers each session really got are checked.
 """
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,14 @@ def require_provider(session, graph, provider):
         raise PopError(f"ONNX Runtime runs the {graph} graph on {', '.join(got)}, not {provider}{hint}")
 
 
+def _installed(distribution):
+    try:
+        metadata.version(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def element_type(dtype):
     """What IOBinding takes: a numpy type, or ONNX's code where numpy has none (bfloat16)."""
     return onnx.TensorProto.BFLOAT16 if dtype == np_dtype("bfloat16") else dtype
@@ -77,6 +86,9 @@ class OrtBackend:
         self.sessions, self._bindings = {}, {}
         if device == "cuda":
             from . import cuda
+            if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
+                raise PopError("both onnxruntime and onnxruntime-gpu are installed, and they provide the same module: "
+                               "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install .[gpu]")
             cuda.runtime()  # a clear message when cuda-python or the GPU is missing, before any session
             self.stream = cuda.Stream()
             self.zeros = cuda.zeros
