@@ -22,8 +22,8 @@ class Gemma3Adapter(LlamaAdapter):
     def q(self, layer, x):
         return self.layers[layer].self_attn.q_norm(super().q(layer, x))
 
-    def k(self, layer, x):
-        return self.layers[layer].self_attn.k_norm(super().k(layer, x))
+    def k(self, layer, x, proj=None):
+        return self.layers[layer].self_attn.k_norm(super().k(layer, x, proj))
 
     def attn_branch(self, layer, attn):
         lyr = self.layers[layer]

@@ -73,11 +73,17 @@ class LlamaAdapter:
     def q(self, layer: int, x):
         return self._heads(self.layers[layer].self_attn.q_proj(x), self.num_heads)
 
-    def k(self, layer: int, x):
-        return self._heads(self.layers[layer].self_attn.k_proj(x), self.num_kv_heads)
+    def kv_proj(self, layer: int):
+        """The (K, V) Linear modules, which fitted KV heads (exporter/fitted_heads.py) stand in for."""
+        attn = self.layers[layer].self_attn
+        return attn.k_proj, attn.v_proj
 
-    def v(self, layer: int, x):
-        return self._heads(self.layers[layer].self_attn.v_proj(x), self.num_kv_heads)
+    def k(self, layer: int, x, proj=None):
+        """proj, when given, replaces the layer's K projection; what follows it (k-norm) stays the layer's."""
+        return self._heads((self.kv_proj(layer)[0] if proj is None else proj)(x), self.num_kv_heads)
+
+    def v(self, layer: int, x, proj=None):
+        return self._heads((self.kv_proj(layer)[1] if proj is None else proj)(x), self.num_kv_heads)
 
     def attn_branch(self, layer: int, attn):
         """What the attention sub-block adds to the residual stream."""
