@@ -1,0 +1,271 @@
+"""Fitted KV heads: POP's independent KV projections, refitted in closed form.
+
+POP fills a pruned layer l's cache from h, the hidden state leaving layer K-1,
+through l's own weights: W norm_l(h).  The full model would have used x_l, the
+input of layer l, which differs from h by everything layers K..l-1 add.  That
+drift is POP's whole error.  Here each pruned layer's K and V matrices are
+refitted so that W' norm_l(h) predicts the true W norm_l(x_l) over calibration
+tokens, by ridge regression pulled toward W:
+
+    minimise ||Z W'^T - Y||^2 + lam ||W' - W||^2,   Z = norm_l(h), Y = W norm_l(x_l)
+    =>  W'^T = W^T + (Z^T Z + lam I)^-1 Z^T (Y - Z W^T)
+
+Written as a correction to W, lam -> inf gives back W, and so the paper's POP,
+exactly (a correction below float rounding adds nothing).  Z^T (Y - Z W^T) is
+the correlation of the input with POP's own error: no error, no correction.
+
+The fit is linear and before the k-norm and RoPE, which stay the layer's own:
+the family adapter applies them to whatever projection it is given.  Statistics
+are accumulated in float64, so the token count does not limit precision.  The
+ridge strength is chosen per layer and matrix on held-out calibration tokens,
+among relative values (lam = value x the mean eigenvalue of Z^T Z, so that one
+value means the same for every layer and model), with inf, the original
+matrix, always a candidate: a fitted head is never worse on held-out text.
+"""
+import math
+import sys
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pop.runtime.errors import PopError
+
+KINDS = ("key", "value")
+RIDGE_GRID = tuple(10.0 ** e for e in range(-6, 4))  # relative strengths `auto` tries, and inf
+DEFAULT_TOKENS = 65536
+CHUNK = 256  # tokens per calibration sequence: long enough for real attention context, short enough to batch
+HELD_OUT_EVERY = 10  # every 10th calibration sequence (at least one) is held out to choose the ridge strength
+
+
+def parse_ridge(value):
+    """'auto', a positive number or 'inf' -> 'auto' or a float; PopError otherwise."""
+    if value is None or value == "auto":
+        return "auto"
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise PopError(f"--ridge must be auto, a positive number or inf, got {value!r}") from None
+    if not r > 0 or math.isnan(r):
+        raise PopError(f"--ridge must be auto, a positive number or inf, got {value!r}")
+    return r
+
+
+def check_options(kv_heads, calib, calib_tokens, ridge):
+    """One-line errors for bad options, before any model loads.  Returns the calibration (text, sha256) or None."""
+    from pop.quality.data import read_text
+    if kv_heads not in ("original", "fitted"):
+        raise PopError(f"--kv-heads must be original or fitted, got {kv_heads!r}")
+    if kv_heads == "original":
+        if calib is not None:
+            raise PopError("--calib is only used with --kv-heads fitted")
+        return None
+    if calib is None:
+        raise PopError("--kv-heads fitted needs calibration text: --calib FILE")
+    if calib_tokens is not None and calib_tokens < 2 * CHUNK:
+        raise PopError(f"--calib-tokens must be at least {2 * CHUNK}, got {calib_tokens}")
+    parse_ridge(ridge)
+    return read_text(calib)
+
+
+# --- calibration statistics ---------------------------------------------------------
+
+def calibration_chunks(text, tokenizer, tokens, bos_id=None, path="calibration text"):
+    """Token sequences of CHUNK ids (BOS first where the model wants one), spread evenly over the text."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    body = CHUNK - (bos_id is not None)
+    count = len(ids) // body
+    if count < 2:
+        raise PopError(f"{path} has {len(ids)} tokens; fitted heads need at least {2 * body} "
+                       f"(two sequences of {CHUNK}, one of them held out)")
+    want = max(2, math.ceil(tokens / CHUNK))
+    step = count / min(want, count)
+    chunks = [ids[int(i * step) * body:(int(i * step) + 1) * body] for i in range(min(want, count))]
+    return [[bos_id] + c if bos_id is not None else c for c in chunks]
+
+
+def _projections(adapter, l):
+    return dict(zip(KINDS, adapter.kv_proj(l)))
+
+
+def _augment(z, has_bias):
+    """A column of ones stands for the bias, which is fitted (and regularised) like any weight."""
+    return torch.cat([z, z.new_ones(z.shape[0], 1)], 1) if has_bias else z
+
+
+def _original(proj):
+    w = proj.weight.detach().double()
+    return torch.cat([w, proj.bias.detach().double()[:, None]], 1) if proj.bias is not None else w
+
+
+class Stats:
+    """Z^T Z, Z^T Y and sum Y^2 of one (K, layer, kind), for the fit and the held-out split."""
+
+    def __init__(self, d, o):
+        self.zz = {s: torch.zeros(d, d, dtype=torch.float64) for s in ("fit", "held")}
+        self.zy = {s: torch.zeros(d, o, dtype=torch.float64) for s in ("fit", "held")}
+        self.yy = {s: 0.0 for s in ("fit", "held")}
+        self.tokens = {s: 0 for s in ("fit", "held")}
+
+    def add(self, split, z, y, zz=None):
+        self.zz[split] += z.T @ z if zz is None else zz
+        self.zy[split] += z.T @ y
+        self.yy[split] += float((y * y).sum())
+        self.tokens[split] += z.shape[0]
+
+
+@torch.no_grad()
+def collect(adapter, chunks, keeps, progress=True):
+    """{(K, l, kind): Stats} for every K in keeps and every layer l >= K, from one full-model pass per chunk.
+
+    The first position of each sequence is left out: its hidden states are the
+    model's attention sink, orders of magnitude larger than any other token's,
+    and would dominate a least-squares fit made for the tokens that follow.
+    """
+    keeps = sorted(set(keeps))
+    stats = {}
+    held = set(range(HELD_OUT_EVERY - 1, len(chunks), HELD_OUT_EVERY)) or {len(chunks) - 1}
+    bar = tqdm(total=len(chunks), desc="fitted heads: calibration", unit="seq", file=sys.stderr,
+               disable=not progress)
+    for i, chunk in enumerate(chunks):
+        split = "held" if i in held else "fit"
+        ids = torch.tensor([chunk])
+        # hidden_states[l] is the input of layer l for l < L (the last entry is after the final norm)
+        hs = adapter.body(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        for l in range(min(keeps), adapter.num_layers):
+            projs = _projections(adapter, l)
+            target_in = adapter.attn_norm(l, hs[l])[0, 1:]
+            targets = {kind: proj(target_in).double() for kind, proj in projs.items()}
+            for keep in (k for k in keeps if k <= l):
+                z_in = adapter.attn_norm(l, hs[keep])[0, 1:].double()
+                grams = {}  # K and V share their input: one Z^T Z for both when both or neither have a bias
+                for kind, proj in projs.items():
+                    has_bias = proj.bias is not None
+                    z = _augment(z_in, has_bias)
+                    if has_bias not in grams:
+                        grams[has_bias] = z.T @ z
+                    key = (keep, l, kind)
+                    if key not in stats:
+                        stats[key] = Stats(z.shape[1], targets[kind].shape[1])
+                    stats[key].add(split, z, targets[kind], grams[has_bias])
+        bar.update(1)
+    bar.close()
+    return stats
+
+
+# --- the solve ----------------------------------------------------------------------
+
+def solve(zz, zy, w, lam):
+    """W' (o x d) minimising ||Z W'^T - Y||^2 + lam ||W' - W||^2 from Z^T Z and Z^T Y; lam = inf gives W."""
+    if math.isinf(lam):
+        return w.clone()
+    residual = zy - zz @ w.T  # Z^T (Y - Z W^T): what POP's heads get wrong, seen from their input
+    eye = torch.eye(zz.shape[0], dtype=zz.dtype)
+    return w + torch.linalg.solve(zz + lam * eye, residual).T
+
+
+def squared_error(zz, zy, yy, w):
+    """||Z W^T - Y||^2 from the statistics: sum Y^2 - 2 tr(W Z^T Y) + tr(W Z^T Z W^T)."""
+    return yy - 2 * float((w.T * zy).sum()) + float(((zz @ w.T) * w.T).sum())
+
+
+def scale(zz):
+    """The mean eigenvalue of Z^T Z: relative ridge strengths are multiples of it."""
+    return float(torch.trace(zz)) / zz.shape[0]
+
+
+def fit_one(st: Stats, w, ridge="auto"):
+    """(fitted W', report) for one matrix.  The report's errors are relative (||.||^2 / ||Y||^2) on held-out tokens
+    of a fit to the other tokens; W' is then refitted on all tokens at the chosen strength."""
+    zz, zy, yy = st.zz["fit"], st.zy["fit"], st.yy["fit"]
+    held = (st.zz["held"], st.zy["held"], max(st.yy["held"], 1e-300))
+    candidates = (*RIDGE_GRID, math.inf) if ridge == "auto" else (ridge,)
+    errors = {r: squared_error(*held, solve(zz, zy, w, r * scale(zz))) / held[2] for r in candidates}
+    chosen = min(errors, key=lambda r: (errors[r], -r))  # ties go to the stronger pull toward W
+    zz_all, zy_all = zz + st.zz["held"], zy + st.zy["held"]
+    fitted = solve(zz_all, zy_all, w, chosen * scale(zz_all))
+    original = squared_error(*held, w) / held[2]
+    return fitted, {"ridge": "inf" if math.isinf(chosen) else chosen, "heldout_rel_error": errors[chosen],
+                    "original_rel_error": original}
+
+
+class FittedHeads(nn.Module):
+    """The fitted K/V projections of the pruned layers at one K, as nn.Linear modules.
+
+    A layer and kind whose chosen strength is inf keeps the original matrix and
+    has no entry: proj() returns None and the graph uses the layer's own module.
+    """
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+        self.heads = nn.ModuleDict()
+        self.layers = []  # per pruned layer: {"index", "key": report, "value": report}
+
+    @staticmethod
+    def _name(kind, l):
+        return f"{kind}_{l}"
+
+    def proj(self, kind, l):
+        name = self._name(kind, l)
+        return self.heads[name] if name in self.heads else None
+
+    def add(self, kind, l, like: nn.Linear, weight):
+        """weight: o x d, or o x (d+1) with the bias as its last column (see _augment)."""
+        lin = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None,
+                        dtype=like.weight.dtype, device=like.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(weight[:, :like.in_features].to(like.weight.dtype))
+            if like.bias is not None:
+                lin.bias.copy_(weight[:, -1].to(like.bias.dtype))
+        lin.requires_grad_(False)
+        self.heads[self._name(kind, l)] = lin
+
+    def parameter_count(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def fit(adapter, stats, keep, ridge="auto"):
+    """FittedHeads for K = keep from collect()'s statistics."""
+    ridge = parse_ridge(ridge)
+    heads = FittedHeads(keep)
+    for l in range(keep, adapter.num_layers):
+        row = {"index": l}
+        for kind, proj in _projections(adapter, l).items():
+            w = _original(proj)
+            fitted, report = fit_one(stats[keep, l, kind], w, ridge)
+            if report["ridge"] != "inf":
+                heads.add(kind, l, proj, fitted)
+            row[kind] = report
+        heads.layers.append(row)
+    return heads
+
+
+def calibrate(adapter, tokenizer, text, keeps, tokens=DEFAULT_TOKENS, ridge="auto", bos_id=None,
+              path="calibration text", progress=True):
+    """{K: FittedHeads} for every K in keeps, from one calibration pass; each carries .calibration for records."""
+    chunks = calibration_chunks(text, tokenizer, tokens, bos_id, path)
+    stats = collect(adapter, chunks, keeps, progress)
+    out = {}
+    for keep in sorted(set(keeps)):
+        if keep >= adapter.num_layers:
+            continue  # nothing is pruned, nothing to fit
+        heads = fit(adapter, stats, keep, ridge)
+        any_key = stats[keep, keep, KINDS[0]]
+        heads.calibration = {"tokens": any_key.tokens["fit"] + any_key.tokens["held"],
+                             "heldout_tokens": any_key.tokens["held"], "sequences": len(chunks),
+                             "sequence_len": CHUNK, "ridge": ridge if ridge == "auto" else float(ridge)}
+        out[keep] = heads
+    return out
+
+
+def manifest_section(heads, calib_path, calib_sha256, model_params):
+    """The manifest's optional "kv_heads" section for fitted heads (docs/MANIFEST.md)."""
+    return {"kind": "fitted", "graph": "prefill",
+            "method": "ridge regression toward the layer's own W_k, W_v: W' norm_l(h) predicts W norm_l(x_l); "
+                      "k-norm and RoPE unchanged (pop.exporter.fitted_heads)",
+            "calibration": {"file": str(calib_path), "sha256": calib_sha256, **heads.calibration},
+            "fitted_parameters": heads.parameter_count(),
+            "fitted_parameters_share_of_model": heads.parameter_count() / max(model_params, 1),
+            "layers": heads.layers}
+
