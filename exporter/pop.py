@@ -149,12 +149,16 @@ class _PopGraph(nn.Module):
         h = h + (m if gate is None else gate * m)
         return h, k, v
 
-    def kv_head(self, l, h, rope):
-        """Independent KV projection of a pruned layer, from the kept hidden state."""
+    def kv_head(self, l, h, rope, heads=None):
+        """Independent KV projection of a pruned layer, from the kept hidden state.
+
+        heads (exporter/fitted_heads.py), when given, replaces the layer's K/V
+        matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's."""
         ad = self.ad
         cos, sin = rope[ad.rope_kind(l)]
         x = ad.attn_norm(l, h)
-        return apply_rope(ad.k(l, x), cos, sin), ad.v(l, x)
+        k_proj, v_proj = (heads.proj("key", l), heads.proj("value", l)) if heads is not None else (None, None)
+        return apply_rope(ad.k(l, x, k_proj), cos, sin), ad.v(l, x, v_proj)
 
 
 def seq_major(x):
@@ -162,8 +166,12 @@ def seq_major(x):
 
 
 class PopPrefill(_PopGraph):
-    def __init__(self, adapter, keep_layers: int):
+    def __init__(self, adapter, keep_layers: int, heads=None):
         super().__init__(adapter)
+        # fitted KV heads, registered so that they become this graph's initializers only
+        self.heads = heads
+        if heads is not None and heads.keep != keep_layers:
+            raise ValueError(f"these fitted heads are for K={heads.keep}, not {keep_layers}")
         if not 1 <= keep_layers <= adapter.num_layers:
             raise ValueError(f"keep_layers must be in 1..{adapter.num_layers}, got {keep_layers}")
         if keep_layers <= adapter.deepstack_layers:
@@ -184,7 +192,7 @@ class PopPrefill(_PopGraph):
             h = self._deepstack(l, h, mm)
             presents += [seq_major(k), seq_major(v)]
         for l in range(self.keep, self.ad.num_layers):
-            k, v = self.kv_head(l, h, rope)
+            k, v = self.kv_head(l, h, rope, self.heads)
             presents += [seq_major(k), seq_major(v)]
         return tuple(presents)
 

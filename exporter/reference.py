@@ -32,32 +32,41 @@ def _rotary(hf_model, layer_idx, h, position_ids):
     return body.rotary_emb(h, position_ids)
 
 
-def _kv_projection(hf_model, layer_idx, h, position_ids):
-    """k = RoPE(knorm(W_k norm(h))), v = W_v norm(h), as HF's attention module would."""
+def _kv_projection(hf_model, layer_idx, h, position_ids, heads=None):
+    """k = RoPE(knorm(W_k norm(h))), v = W_v norm(h), as HF's attention module would.
+
+    heads: fitted KV heads (exporter/fitted_heads.py); where one has a matrix for
+    this layer it stands in for W_k or W_v, applied here with F.linear on its
+    weights, so that verification compares fitted graphs with fitted references."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     layer = text_parts(hf_model)[1].layers[layer_idx]
     attn = layer.self_attn
+
+    def project(kind, own):
+        fitted = heads.proj(kind, layer_idx) if heads is not None else None
+        return own(x) if fitted is None else torch.nn.functional.linear(x, fitted.weight, fitted.bias)
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
-    k = attn.k_proj(x).view(b, t, -1, attn.head_dim)
+    k = project("key", attn.k_proj).view(b, t, -1, attn.head_dim)
     if hasattr(attn, "k_norm"):
         k = attn.k_norm(k)
     k = k.transpose(1, 2)
-    v = attn.v_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    v = project("value", attn.v_proj).view(b, t, -1, attn.head_dim).transpose(1, 2)
     cos, sin = _rotary(hf_model, layer_idx, h, position_ids)
     k, _ = apply_rotary_pos_emb(k, k, cos, sin)
     return k, v
 
 
 @torch.no_grad()
-def prefill(hf_model, input_ids, attention_mask, keep: int, pos=None, **images):
+def prefill(hf_model, input_ids, attention_mask, keep: int, pos=None, heads=None, **images):
     """Shallow prefill of all tokens given.  Returns an HF DynamicCache.
 
     The deep layers still run inside HF's forward (that is the simplest way to let
     HF build its own cache objects); their cache entries are then replaced by the
     independent KV projections of the hidden state leaving layer keep-1.
     VLMs pass their image inputs (pixel_values, grids, token types) as HF names
-    them, and their positions (M-RoPE) from HF's own rule.
+    them, and their positions (M-RoPE) from HF's own rule.  heads: fitted KV
+    heads for this keep, or None for the paper's.
     """
     config, body = text_parts(hf_model)
     num_layers = config.num_hidden_layers
@@ -72,7 +81,7 @@ def prefill(hf_model, input_ids, attention_mask, keep: int, pos=None, **images):
     finally:
         hook.remove()
     for l in range(keep, num_layers):
-        k, v = _kv_projection(hf_model, l, captured["h"], pos)
+        k, v = _kv_projection(hf_model, l, captured["h"], pos, heads)
         stored = cache.layers[l].keys.shape[-2]  # sliding layers keep only their window
         cache.layers[l].keys = k[..., -stored:, :].contiguous()
         cache.layers[l].values = v[..., -stored:, :].contiguous()
@@ -89,15 +98,15 @@ def step(hf_model, tokens, attention_mask, cache, pos=None):
 
 
 @torch.no_grad()
-def generate(hf_model, input_ids, attention_mask=None, keep=None, max_new_tokens=16, eos_ids=()):
-    """Greedy POP generation.  keep=None (or L) is the unpruned model."""
+def generate(hf_model, input_ids, attention_mask=None, keep=None, max_new_tokens=16, eos_ids=(), heads=None):
+    """Greedy POP generation.  keep=None (or L) is the unpruned model; heads: fitted KV heads for keep."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     config = text_parts(hf_model)[0]
     keep = keep or config.num_hidden_layers
     n = input_ids.shape[1]
     if n > 1:
-        cache = prefill(hf_model, input_ids[:, :-1], attention_mask[:, :-1], keep)
+        cache = prefill(hf_model, input_ids[:, :-1], attention_mask[:, :-1], keep, heads=heads)
     else:
         cache = DynamicCache(config=config)
     tokens, mask = input_ids[:, -1:], attention_mask

@@ -74,8 +74,9 @@ def _export(module, args, input_names, output_names, dynamic_shapes):
                              dynamo=True, opset_version=OPSET, optimize=True, verbose=False).model
 
 
-def trace(adapter, keep_layers, max_seq_len, dtype, progress=print):
-    """Returns {graph name: onnx_ir.Model}: prefill and decode, and vision for VLMs."""
+def trace(adapter, keep_layers, max_seq_len, dtype, progress=print, heads=None):
+    """Returns {graph name: onnx_ir.Model}: prefill and decode, and vision for VLMs.
+    heads: fitted KV heads for the prefill graph (exporter/fitted_heads.py), or None."""
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=max_seq_len)
     past, total = Dim("past", min=0, max=max_seq_len), Dim("total", min=1, max=max_seq_len)
     image_tokens = Dim("image_tokens", min=1, max=1024 * max_seq_len)
@@ -98,7 +99,7 @@ def trace(adapter, keep_layers, max_seq_len, dtype, progress=print):
         dims = {"batch": batch, "total": seq, "image_tokens": image_tokens}
         values, axes = _extra_sample(adapter, SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_SEQ, dtype, dims)
         graphs["prefill"] = _export(
-            PopPrefill(adapter, keep_layers), (ids, pos, mask[SAMPLE_PAST:], *values),
+            PopPrefill(adapter, keep_layers, heads), (ids, pos, mask[SAMPLE_PAST:], *values),
             ["input_ids", "position_ids", "attention_mask", *extra], present_names,
             ({0: batch, 1: seq}, pos_axes, {0: seq, 1: batch}, *([tuple(axes)] if axes else [])))  # *extra: one entry
         progress(f"tracing the decode graph ({adapter.num_layers} layers)")

@@ -136,13 +136,15 @@ class _ImageRequest:
         return self.mm.feeds(np.ascontiguousarray(window), self.encoded, groups)
 
 
-def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=None, progress=print, processor=None):
+def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=None, progress=print, processor=None,
+           heads=None):
     """Returns a report of max abs differences; the caller acts on report["passed"].
 
     The graphs are driven through the runtime's own bindings (pop.runtime.kv),
     so what is verified is what PopSession runs.  Argmax agreement is reported
     but not required: random prompts can leave two logits closer than the
-    tolerance, and then either order is correct.
+    tolerance, and then either order is correct.  heads: the fitted KV heads the
+    prefill graph was traced with, which the reference then uses too.
     """
     backend = OrtBackend(directory, manifest, threads)
     report = {"tolerance": TOLERANCE[dtype_name]}
@@ -172,7 +174,8 @@ def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=Non
     kv = fresh_kv()
     backend.run("prefill", *prefill_io(kv, names, window(ids_np, 0, n - 1), window(pos_np, 0, n - 1), n - 1,
                                        req.extra(ids_np[:, :n - 1], n - 1)))
-    ref_cache = reference.prefill(hf_model, ids[:, :-1], mask[:, :-1], keep, pos[..., :-1], **req.hf_images(n - 1))
+    ref_cache = reference.prefill(hf_model, ids[:, :-1], mask[:, :-1], keep, pos[..., :-1], heads,
+                                 **req.hf_images(n - 1))
     _compare_cache(kv, ref_cache, n - 1, real, report, "prefill_kv")
 
     progress("verify: decode graph at the boundary (past from the prefill graph)")
