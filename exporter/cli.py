@@ -29,6 +29,15 @@ def parser():
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for verification")
     p.add_argument("--skip-verify", action="store_true", help="do not compare the graphs with PyTorch")
+    p.add_argument("--kv-heads", default="original", choices=("original", "fitted"),
+                   help="the pruned layers' KV projections: their own matrices (the paper, default) or matrices "
+                        "refitted by ridge regression on --calib text, used by the prefill graph only")
+    p.add_argument("--calib", metavar="FILE", help="UTF-8 calibration text for --kv-heads fitted")
+    p.add_argument("--calib-tokens", type=int, metavar="N",
+                   help="calibration tokens for --kv-heads fitted (default 65536, or all the text has)")
+    p.add_argument("--ridge", default="auto", metavar="auto|VALUE",
+                   help="ridge strength relative to the mean eigenvalue of the inputs' Gram matrix; auto "
+                        "(default) chooses per layer on held-out calibration tokens; inf = the original heads")
     return p
 
 
@@ -39,7 +48,8 @@ def main(argv=None):
         args.model, args.out, args.backend, args.prefill_layers, args.prune_ratio, args.dtype, args.max_seq_len,
         args.skip_verify, args.max_batch, args.threads,
         progress=lambda msg: print(f"pop-export: {msg}", file=sys.stderr, flush=True),
-        command=shlex.join(["pop-export", *(sys.argv[1:] if argv is None else argv)])) and 0)
+        command=shlex.join(["pop-export", *(sys.argv[1:] if argv is None else argv)]),
+        kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge) and 0)
 
 
 if __name__ == "__main__":

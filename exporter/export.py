@@ -18,7 +18,7 @@ from pathlib import Path
 from pop.runtime import manifest as manifest_io
 from pop.runtime.errors import PopError
 
-from . import sources, to_onnx, to_tensorrt
+from . import fitted_heads, sources, to_onnx, to_tensorrt
 from .families import adapter_for
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -120,8 +120,13 @@ def _fail_report(report):
 
 
 def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=None, dtype="fp32",
-           max_seq_len=None, skip_verify=False, max_batch=8, threads=None, progress=print, command=None):
-    """Returns (output folder, manifest).  Raises PopError for anything a user can fix."""
+           max_seq_len=None, skip_verify=False, max_batch=8, threads=None, progress=print, command=None,
+           kv_heads="original", calib=None, calib_tokens=None, ridge="auto"):
+    """Returns (output folder, manifest).  Raises PopError for anything a user can fix.
+
+    kv_heads="fitted" refits the pruned layers' K/V matrices on the text in calib
+    (exporter/fitted_heads.py); the prefill graph alone carries them."""
+    calib_text = fitted_heads.check_options(kv_heads, calib, calib_tokens, ridge)  # before any model loads
     if backend not in BACKENDS:
         raise PopError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
@@ -141,6 +146,11 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
     if keep <= adapter.deepstack_layers:
         raise PopError(f"this model adds visual features after layers 0..{adapter.deepstack_layers - 1} (DeepStack); "
                        f"the prefill must keep them all and one more: --prefill-layers > {adapter.deepstack_layers}")
+    if calib_text and keep == adapter.num_layers:
+        raise PopError("--kv-heads fitted needs pruned layers, but --prefill-layers keeps all of them")
+    if dtype == "fp16" and type(hf).__name__.startswith("Gemma3"):
+        progress("warning: Gemma-3 was trained in bf16 and its activations outgrow fp16's range; fp16 graphs may "
+                 "lose accuracy (verification will say): prefer --dtype bf16 on a GPU, or fp32")
     limit = getattr(adapter.cfg, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
     max_seq_len = max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit)
     if not 2 <= max_seq_len <= limit:
@@ -152,8 +162,14 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
     try:
         progress(f"POP: {adapter.num_layers} layers, prefill keeps {keep}, prunes {adapter.num_layers - keep} "
                  f"({type(hf).__name__}, {DTYPES[dtype]}, max_seq_len {max_seq_len})")
+        heads = None
+        if calib_text:
+            progress(f"fitting the KV heads of layers {keep}..{adapter.num_layers - 1} on {calib}")
+            heads = fitted_heads.calibrate(adapter, loaded.tokenizer, calib_text[0], [keep],
+                                           calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge,
+                                           sources.bos_for(loaded.tokenizer), calib)[keep]
         t = time.perf_counter()
-        graphs = to_onnx.trace(adapter, keep, max_seq_len, hf.dtype, progress)
+        graphs = to_onnx.trace(adapter, keep, max_seq_len, hf.dtype, progress, heads)
         trace_s = time.perf_counter() - t
         progress("writing one shared weights file for both graphs")
         stored = to_onnx.save_shared(graphs, tmp)
@@ -189,6 +205,9 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
         if adapter.image_inputs:
             manifest["graphs"]["vision"]["role"] = "images -> embeddings of their placeholder tokens"
             manifest["vision"] = _vision_section(adapter, loaded.processor)
+        if heads is not None:
+            manifest["kv_heads"] = fitted_heads.manifest_section(heads, calib, calib_text[1],
+                                                                 manifest["model"]["num_parameters"])
         manifest["provenance"] = {"command": command, "versions": _versions(), "created_unix": int(time.time()), "trace_seconds": trace_s}
         manifest_io.write(tmp, manifest)  # provisional, so the runtime can read the folder while we verify
 
@@ -197,13 +216,14 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
             progress("verification skipped (--skip-verify)")
         else:
             from .verify import verify
-            report = verify(hf, adapter, keep, tmp, manifest, DTYPES[dtype], threads, progress, loaded.processor)
+            report = verify(hf, adapter, keep, tmp, manifest, DTYPES[dtype], threads, progress, loaded.processor,
+                            heads)
             manifest["verification"] = report
             if not report["passed"]:
                 raise PopError(f"verification failed: the ONNX graphs differ from the PyTorch reference "
                                f"beyond {report['tolerance']} x scale: max abs differences {_fail_report(report)}; nothing was written")
             progress(f"verified: {_fail_report(report)} (tolerance {report['tolerance']} x scale)")
-        del loaded, hf, adapter
+        del loaded, hf, adapter, heads
 
         if cpu_runnable:
             progress("measuring the runtime's resident memory in a fresh process")
