@@ -12,7 +12,7 @@ from tqdm import tqdm
 from pop.exporter import sources
 from pop.exporter.export import kept_layers
 from pop.exporter.families import adapter_for
-from pop.runtime.errors import run_command
+from pop.runtime.errors import PopError, run_command
 
 from . import data, importance
 
@@ -31,7 +31,9 @@ def plot(path, report):
     import matplotlib.pyplot as plt
     pre, dec = report["prefill_normalized"], report["decode_normalized"]
     layers = range(len(pre))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fitted = report.get("kv_heads")
+    fig, axes = plt.subplots(1, 2 if fitted else 1, figsize=(15 if fitted else 8, 4), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(layers, pre, "o-", label="prefill", color="tab:blue")
     ax.plot(layers, dec, "s-", label="decode", color="tab:red")
     k, k_default = report["recommended_prefill_layers"], report["default_prefill_layers"]
@@ -43,13 +45,40 @@ def plot(path, report):
     ax.set_title(f"Stage importance: {report['model']['name']} on {Path(report['data']['path']).name} "
                  f"({report['settings']['samples']} samples)")
     ax.legend()
+    if fitted:
+        kv_error_panel(axes[0, 1], fitted, len(pre))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def kv_error_panel(ax, fitted, num_layers):
+    """Held-out relative K/V error of each pruned layer's cache, original against fitted heads, per K."""
+    for (k, rows), color in zip(sorted(fitted["layers"].items(), key=lambda kv: -int(kv[0])),
+                                ("tab:blue", "tab:green", "tab:red")):
+        idx = [r["index"] for r in rows]
+        for kind, mark in (("key", "o"), ("value", "s")):
+            ax.plot(idx, [r[kind]["original_rel_error"] for r in rows], f"{mark}-", color=color, mfc="none",
+                    label=f"K={k}, {kind}, original heads")
+            ax.plot(idx, [r[kind]["heldout_rel_error"] for r in rows], f"{mark}--", color=color,
+                    label=f"K={k}, {kind}, fitted heads")
+    ax.set_xlim(-0.5, num_layers - 0.5)
+    ax.set_xlabel("pruned layer")
+    ax.set_ylabel("held-out ||W' norm(h) - W norm(x_l)||² / ||W norm(x_l)||²")
+    ax.set_yscale("log")
+    ax.set_title(f"KV-head error on held-out calibration tokens ({fitted['calibration']['tokens']} tokens)")
+    ax.legend(fontsize=6)
+
+
 def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=32, seed=0, budget=0.05,
-            progress=print):
+            progress=print, kv_heads="original", calib_tokens=None, ridge="auto"):
+    """kv_heads="fitted" also fits KV heads on the same text at the recommended and the default K
+    (exporter/fitted_heads.py) and reports each pruned layer's held-out K/V error with and without them."""
+    from pop.exporter import fitted_heads
+    if kv_heads not in ("original", "fitted"):
+        raise PopError(f"--kv-heads must be original or fitted, got {kv_heads!r}")
+    if kv_heads == "fitted":
+        fitted_heads.check_options("fitted", data_path, calib_tokens, ridge)
     text, data_sha = data.read_text(data_path)
     progress(f"loading {model}")
     loaded = sources.load(model, progress=progress)
@@ -76,6 +105,15 @@ def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=3
         "default_prefill_layers": kept_layers(adapter.num_layers),
         "seconds": time.perf_counter() - started,
     }
+    if kv_heads == "fitted":
+        keeps = sorted({report["recommended_prefill_layers"], report["default_prefill_layers"]} - {adapter.num_layers})
+        if keeps:
+            progress(f"fitting KV heads at K = {', '.join(map(str, keeps))} on the same text")
+            fitted = fitted_heads.calibrate(adapter, loaded.tokenizer, text, keeps,
+                                            calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge,
+                                            sources.bos_for(loaded.tokenizer), data_path)
+            report["kv_heads"] = {"kind": "fitted", "calibration": next(iter(fitted.values())).calibration,
+                                  "layers": {k: h.layers for k, h in fitted.items()}}
     out = Path(out) if out else Path("artifacts") / f"analyze-{loaded.name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "importance.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -96,14 +134,19 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="sampled continuation: the decode positions")
     p.add_argument("--budget", type=float, default=0.05, help="share of prefill importance pruning may drop")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-heads", default="original", choices=("original", "fitted"),
+                   help="fitted: also fit KV heads on --data at the recommended and default K, and report each "
+                        "pruned layer's held-out K/V error with the original and the fitted heads")
+    p.add_argument("--calib-tokens", type=int, metavar="N", help="calibration tokens for fitted heads (default 65536)")
+    p.add_argument("--ridge", default="auto", metavar="auto|VALUE", help="as for pop-export")
     args = p.parse_args(argv)
 
     def body():
-        from pop.runtime.errors import PopError
         if args.samples < 1 or args.prompt_len < 2 or args.new_tokens < 1 or not 0 <= args.budget < 1:
             raise PopError("need --samples >= 1, --prompt-len >= 2, --new-tokens >= 1 and 0 <= --budget < 1")
         analyze(args.model, args.data, args.samples, args.out, args.prompt_len, args.new_tokens, args.seed,
-                args.budget, progress=lambda m: print(f"pop-analyze: {m}", file=sys.stderr, flush=True))
+                args.budget, progress=lambda m: print(f"pop-analyze: {m}", file=sys.stderr, flush=True),
+                kv_heads=args.kv_heads, calib_tokens=args.calib_tokens, ridge=args.ridge)
     return run_command("pop-analyze", body)
 
 

@@ -8,14 +8,51 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pop.exporter import sources
+from pop.exporter import fitted_heads, sources
 from pop.exporter.export import kept_layers
+from pop.exporter.families import adapter_for
 from pop.runtime.errors import PopError, run_command
 
 from . import data, fidelity
 from .methods import HFRunner, RuntimeRunner, standard_methods
 
 PRUNE_RATIOS = (0.2, 0.25, 1 / 3, 0.4, 0.5)  # the paper's pruning-ratio study (its Table 4)
+SPEEDUP_PROMPT_LEN = 1024  # where the cost model's expected TTFT speedup is read, for plots and recommendations
+HEAD_KINDS = {"original": "pop", "fitted": "pop-fitted"}  # --kv-heads -> the kind of their report rows
+
+
+def expected_speedup(config, keep, prompt_len=SPEEDUP_PROMPT_LEN):
+    """POP's expected TTFT speedup at K from the FLOP cost model (bench/cost.py); fitted heads have the
+    same shapes as the original ones, so the same cost."""
+    from pop.bench import cost
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shapes = cost.Shapes(config.hidden_size, heads, config.num_key_value_heads, head_dim, config.intermediate_size,
+                         config.vocab_size, config.num_hidden_layers, keep)
+    return cost.expected_speedup(shapes, prompt_len)
+
+
+def recommend(report, max_kl):
+    """Per KV-head kind, the deepest pruning (smallest K) whose mean first-token KL stays within max_kl
+    on every data file; None where no evaluated K does."""
+    out = {"max_kl": max_kl, "rule": f"the smallest evaluated K whose KL(full||POP) <= {max_kl} on every data file",
+           "speedup_prompt_len": SPEEDUP_PROMPT_LEN}
+    for heads, kind in HEAD_KINDS.items():
+        worst = {}
+        for d in report["data"]:
+            for r in d["results"]:
+                if r["kind"] == kind:
+                    worst[r["prefill_layers"]] = max(worst.get(r["prefill_layers"], 0.0), r["kl_full_to_method"])
+        if not worst:
+            continue
+        ok = [k for k, kl in worst.items() if kl <= max_kl]
+        k = min(ok) if ok else None
+        row = next((r for d in report["data"] for r in d["results"] if r["kind"] == kind and r["prefill_layers"] == k),
+                   None)
+        out[heads] = None if k is None else {
+            "prefill_layers": k, "pruned_layers": report["model"]["num_layers"] - k, "worst_kl": worst[k],
+            "expected_ttft_speedup": row["expected_ttft_speedup"]}
+    return out
 
 
 def default_ks(num_layers):
@@ -31,10 +68,19 @@ def _model_spec(manifest):
 
 
 def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, prompt_len=128, continuation=32,
-             greedy_tokens=16, progress=print):
+             greedy_tokens=16, progress=print, kv_heads=("original",), calib=None, calib_tokens=None, ridge="auto",
+             max_kl=None):
+    """kv_heads: "original" (the paper's POP) and/or "fitted" (heads refitted on calib; exporter/fitted_heads.py).
+    max_kl: add a recommendation, per kind of head, of the deepest pruning within that KL budget."""
     if (model is None) == (artifacts is None):
         raise PopError("give --model or --artifacts")
+    if not kv_heads or set(kv_heads) - set(HEAD_KINDS):
+        raise PopError(f"--kv-heads takes original and/or fitted, got {' '.join(kv_heads or ())}")
+    if max_kl is not None and not max_kl > 0:
+        raise PopError(f"--max-kl must be positive, got {max_kl}")
     texts = [(p, *data.read_text(p)) for p in data_paths]  # bad files fail before any model loads
+    calib_text = fitted_heads.check_options("fitted" if "fitted" in kv_heads else "original", calib, calib_tokens,
+                                            ridge)
     session = None
     if artifacts:
         from pop.runtime.session import PopSession
@@ -50,14 +96,25 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
         raise PopError(f"--prefill-layers must be in 1..{n_layers} for this model, got {bad[0]}")
     if default_k not in ks:
         ks.append(default_k)
-    methods = standard_methods(n_layers, ks, default_k)
-    runner = HFRunner(loaded.model)
     bos = sources.bos_for(loaded.tokenizer)
+    fitted, calibration = {}, None
+    if calib_text:
+        pruned = [k for k in ks if k < n_layers]
+        progress(f"fitting KV heads for K = {', '.join(map(str, sorted(pruned, reverse=True)))} on {calib}")
+        fitted = fitted_heads.calibrate(adapter_for(loaded.model), loaded.tokenizer, calib_text[0], pruned,
+                                        calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge, bos, calib)
+        first = next(iter(fitted.values()))
+        calibration = {"file": str(calib), "sha256": calib_text[1], **first.calibration,
+                       "layers": {k: h.layers for k, h in fitted.items()}}
+    methods = standard_methods(n_layers, ks, default_k, fitted, original="original" in kv_heads)
+    runner = HFRunner(loaded.model)
     report = {"model": {"name": loaded.name, "source": loaded.source, "num_layers": n_layers},
               "settings": {"samples": samples, "prompt_len": prompt_len, "continuation": continuation,
                            "greedy_tokens": greedy_tokens, "prefill_layers": sorted(ks), "default_k": default_k,
-                           "reference": "HF modules, eager attention, fp32"},
-              "artifacts": None, "data": []}
+                           "reference": "HF modules, eager attention, fp32", "kv_heads": list(kv_heads),
+                           "speedup": f"expected TTFT speedup at {SPEEDUP_PROMPT_LEN} prompt tokens, FLOP cost "
+                                      f"model (bench/cost.py)"},
+              "calibration": calibration, "artifacts": None, "data": []}
     if session:
         report["artifacts"] = {"path": str(artifacts), "prefill_layers": session.manifest["pop"]["prefill_layers"]}
     started = time.perf_counter()
@@ -79,16 +136,23 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                     runtime_rows[mode].append(fidelity.compare(full, outcome))
                     bar.update(1)
         bar.close()
+        config = loaded.model.config.get_text_config()
         results = [{"method": m.name, "prefill_layers": m.prefill_layers, "kind": m.kind,
+                    "expected_ttft_speedup": expected_speedup(config, m.prefill_layers),
                     **fidelity.summarize(rows[m.name])} for m in methods]
         if session:
             k = session.manifest["pop"]["prefill_layers"]
+            fitted_tag = ", fitted heads" if session.manifest.get("kv_heads", {}).get("kind") == "fitted" else ""
             results += [{"method": "exported graphs, pop runtime, full mode", "prefill_layers": n_layers,
-                         "kind": "runtime", **fidelity.summarize(runtime_rows["full"])},
-                        {"method": f"exported graphs, pop runtime, POP K={k}", "prefill_layers": k,
-                         "kind": "runtime", **fidelity.summarize(runtime_rows["pop"])}]
+                         "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, n_layers),
+                         **fidelity.summarize(runtime_rows["full"])},
+                        {"method": f"exported graphs, pop runtime, POP K={k}{fitted_tag}", "prefill_layers": k,
+                         "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, k),
+                         **fidelity.summarize(runtime_rows["pop"])}]
         report["data"].append({"path": str(path), "sha256": sha, "windows": len(windows), "results": results})
     report["seconds"] = time.perf_counter() - started
+    if max_kl is not None:
+        report["recommendation"] = recommend(report, max_kl)
     return report
 
 
@@ -99,33 +163,63 @@ def markdown(report):
              f"compared with the full model on the same windows.\n"]
     for d in report["data"]:
         parts.append(fidelity.markdown(d["results"], f"{Path(d['path']).name} ({d['windows']} windows)"))
+    rec = report.get("recommendation")
+    if rec:
+        parts.append(f"### Deepest pruning within KL <= {rec['max_kl']}\n")
+        for heads in HEAD_KINDS:
+            if heads in rec:
+                r = rec[heads]
+                parts.append(f"- {heads} heads: " + (
+                    "no evaluated K stays within the budget" if r is None else
+                    f"K = {r['prefill_layers']} ({r['pruned_layers']} of {report['model']['num_layers']} layers "
+                    f"pruned; worst KL {r['worst_kl']:.4f}; expected TTFT speedup {r['expected_ttft_speedup']:.2f}x "
+                    f"at {rec['speedup_prompt_len']} tokens)"))
+        parts.append("")
     return "\n".join(parts)
 
 
 def plot(path, report):
+    """Quality against POP's expected TTFT speedup (the FLOP cost model), one curve per data file and kind of
+    KV head: the original heads solid, the fitted ones dashed; the paper's ablations as markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     markers = {"ShortGPT": "x", "without KV": "v", "without boundary": "^", "first third": "D"}
+    keys = ("top1_agreement", "kl_full_to_method", "perplexity")
     for d, color in zip(report["data"], ("tab:blue", "tab:orange", "tab:green", "tab:purple")):
         name = Path(d["path"]).name
-        pop = sorted((r for r in d["results"] if r["kind"] in ("pop", "full")), key=lambda r: r["prefill_layers"])
-        for ax, key in zip(axes, ("top1_agreement", "perplexity")):
-            ax.plot([r["prefill_layers"] for r in pop], [r[key] for r in pop], "o-", color=color, label=f"POP, {name}")
-            for r in d["results"]:
-                tag = next((t for t in markers if t in r["method"]), None)
-                if r["kind"] == "ablation" and tag:
-                    ax.scatter(r["prefill_layers"], r[key], marker=markers[tag], color=color,
-                               label=f"{r['method'].split(':')[0]}, {name}")
+        full = [r for r in d["results"] if r["kind"] == "full"]
+        for kind, style, label in (("pop", "o-", "POP"), ("pop-fitted", "s--", "POP, fitted heads")):
+            rows = sorted((r for r in d["results"] if r["kind"] == kind), key=lambda r: -r["prefill_layers"])
+            if not rows:
+                continue
+            rows = full + rows
+            for ax, key in zip(axes, keys):
+                ax.plot([r["expected_ttft_speedup"] for r in rows], [r[key] for r in rows], style, color=color,
+                        label=f"{label}, {name}", mfc="none" if kind == "pop-fitted" else color)
+            if kind == "pop" and color == "tab:blue":
+                for r in rows[1:]:
+                    axes[0].annotate(f"K={r['prefill_layers']}", (r["expected_ttft_speedup"], r[keys[0]]),
+                                     textcoords="offset points", xytext=(3, 4), fontsize=7)
+        for r in d["results"]:
+            tag = next((t for t in markers if t in r["method"]), None)
+            if r["kind"] == "ablation" and tag:
+                for ax, key in zip(axes, keys):
+                    ax.scatter(r["expected_ttft_speedup"], max(r[key], 1e-4) if key != "top1_agreement" else r[key],
+                               marker=markers[tag], color=color, label=f"{r['method'].split(':')[0]}, {name}")
     axes[0].set_ylabel("first-token top-1 agreement with the full model")
-    axes[1].set_ylabel("continuation perplexity")
-    axes[1].set_yscale("log")
+    axes[1].set_ylabel("first-token KL(full ‖ method)")
+    axes[1].set_yscale("symlog", linthresh=1e-3)
+    axes[2].set_ylabel("continuation perplexity")
+    axes[2].set_yscale("log")
+    rec = report.get("recommendation")
+    if rec:
+        axes[1].axhline(rec["max_kl"], color="grey", ls=":", lw=1, label=f"--max-kl {rec['max_kl']}")
     for ax in axes:
-        ax.set_xlabel("prefill layers kept (K)")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel(f"expected TTFT speedup at {SPEEDUP_PROMPT_LEN} tokens (FLOP cost model)")
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"Quality against K: {report['model']['name']}")
+    fig.suptitle(f"Quality against prefill speedup: {report['model']['name']} ({report['model']['num_layers']} layers)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,6 +240,14 @@ def main(argv=None):
     p.add_argument("--greedy-tokens", type=int, default=16)
     p.add_argument("--out", help="folder for report.json, report.md, tradeoff.png (default: artifacts/eval-<model>)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--kv-heads", nargs="+", default=["original"], choices=list(HEAD_KINDS),
+                   help="POP's KV heads to compare: the layers' own (original, the paper) and/or heads refitted "
+                        "on --calib text (fitted); default original")
+    p.add_argument("--calib", metavar="FILE", help="calibration text for --kv-heads fitted")
+    p.add_argument("--calib-tokens", type=int, metavar="N", help="calibration tokens (default 65536)")
+    p.add_argument("--ridge", default="auto", metavar="auto|VALUE", help="as for pop-export")
+    p.add_argument("--max-kl", type=float, metavar="X",
+                   help="recommend, per kind of KV head, the deepest pruning whose first-token KL stays <= X")
     args = p.parse_args(argv)
 
     def body():
@@ -153,7 +255,9 @@ def main(argv=None):
             raise PopError("need --samples >= 1, --prompt-len >= 2, --continuation >= 1 and --greedy-tokens >= 1")
         report = evaluate(args.model, args.artifacts, args.data, args.prefill_layers, args.samples,
                           args.prompt_len, args.continuation, args.greedy_tokens,
-                          progress=lambda m: print(f"pop-eval: {m}", file=sys.stderr, flush=True))
+                          progress=lambda m: print(f"pop-eval: {m}", file=sys.stderr, flush=True),
+                          kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
+                          max_kl=args.max_kl)
         out = Path(args.out) if args.out else Path("artifacts") / f"eval-{report['model']['name']}"
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")

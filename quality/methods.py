@@ -11,6 +11,9 @@ A method is a few switches over the ordinary model:
 * boundary=False: the last prompt token is prefilled with the rest, and the
   first token comes from the shallow stack's own logits.
 * decode_skip: layers bypassed for generated tokens too (ShortGPT-style).
+* heads: fitted KV heads (exporter/fitted_heads.py): while the prompt is
+  encoded, the bypassed layers' K/V matrices are swapped for the fitted ones,
+  so their cache entries are the fitted projections.
 
 POP at K is prefill_skip = K..L-1.  With no switch set it is the full model.
 """
@@ -30,17 +33,22 @@ class Method:
     boundary: bool = True
     decode_skip: tuple = ()
     prefill_layers: int | None = None  # K, where the method has one, for plots
-    kind: str = "ablation"  # "full" | "pop" | "ablation": how reports group and plot it
+    kind: str = "ablation"  # "full" | "pop" | "pop-fitted" | "ablation": how reports group and plot it
+    heads: object = None  # FittedHeads for prefill_skip, or None for the layers' own K/V matrices
 
 
-def standard_methods(num_layers, ks, default_k):
-    """full, POP at each K, and the paper's Table 3 ablations at the default K."""
+def standard_methods(num_layers, ks, default_k, fitted=None, original=True):
+    """full, POP at each K (with the layers' own KV heads and/or the fitted ones, {K: FittedHeads}),
+    and the paper's Table 3 ablations at the default K."""
     pruned = tuple(range(default_k, num_layers))
     first = tuple(range(len(pruned)))
+    fitted = fitted or {}
     return [
         Method("full", prefill_layers=num_layers, kind="full"),
         *[Method(f"POP K={k}", tuple(range(k, num_layers)), prefill_layers=k, kind="pop")
-          for k in sorted(set(ks), reverse=True)],
+          for k in sorted(set(ks), reverse=True) if original],
+        *[Method(f"POP K={k}, fitted heads", tuple(range(k, num_layers)), prefill_layers=k, kind="pop-fitted",
+                 heads=fitted[k]) for k in sorted(fitted, reverse=True)],
         Method(f"ShortGPT-style: drop {default_k}..{num_layers - 1} in every stage", pruned, decode_skip=pruned,
                prefill_layers=default_k),
         Method(f"POP K={default_k} without KV projections", pruned, kv_projection=False, prefill_layers=default_k),
@@ -103,6 +111,27 @@ class HFRunner:
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def _fitted(self, heads):
+        """The fitted K/V matrices in place of the pruned layers' own, for the duration."""
+        saved = []
+        for l in range(heads.keep, len(self.layers)) if heads is not None else ():
+            attn = self.layers[l].self_attn
+            for kind, own in (("key", attn.k_proj), ("value", attn.v_proj)):
+                fit = heads.proj(kind, l)
+                if fit is not None:
+                    saved.append((own, own.weight.data, None if own.bias is None else own.bias.data))
+                    own.weight.data = fit.weight.data
+                    if own.bias is not None:
+                        own.bias.data = fit.bias.data
+        try:
+            yield
+        finally:
+            for own, weight, bias in saved:
+                own.weight.data = weight
+                if bias is not None:
+                    own.bias.data = bias
+
     def _forward(self, ids, cache, state):
         t = ids.shape[1]
         pos = torch.arange(state["seen"], state["seen"] + t)[None]
@@ -125,7 +154,7 @@ class HFRunner:
         state = {"seen": 0, "prompt": shallow}
         logits = None
         if shallow:
-            with self._bypassed(method.prefill_skip):
+            with self._bypassed(method.prefill_skip), self._fitted(method.heads):
                 logits = self._forward(ids[:, :shallow], cache, state)[-1]
         if method.boundary:
             logits = self._decode(method, ids[:, -1:], cache, state)[-1]
