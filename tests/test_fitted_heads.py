@@ -1,0 +1,317 @@
+"""Fitted KV heads: the ridge solve, its limits, and the graphs that carry it."""
+import hashlib
+import json
+import math
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pop.exporter import fitted_heads as fh
+from pop.exporter import reference, tiny
+from pop.exporter.export import export
+from pop.exporter.families import adapter_for
+from pop.exporter.verify import TOLERANCE
+from pop.runtime.backends.ort import OrtBackend
+from pop.runtime.errors import PopError
+from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
+
+from conftest import BIN, EXCERPTS, cli
+
+CALIB = " ".join(p["text"] for p in EXCERPTS[:-2])  # byte tokens: ~3000, eleven sequences
+HELD = " ".join(p["text"] for p in EXCERPTS[-2:])  # never seen by the fit
+KEEP = 3
+
+
+def _calibrate(model, tok, keep=KEEP, ridge="auto"):
+    return fh.calibrate(adapter_for(model), tok, CALIB, [keep], 10 ** 6, ridge, tok.bos_token_id,
+                        progress=False)[keep]
+
+
+def _stats(z, y):
+    """Stats of z -> y, the last fifth held out."""
+    st = fh.Stats(z.shape[1], y.shape[1])
+    cut = 4 * len(z) // 5
+    st.add("fit", z[:cut], y[:cut])
+    st.add("held", z[cut:], y[cut:])
+    return st
+
+
+def test_known_linear_relation_is_solved_exactly():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    z = torch.cat([z, torch.ones(400, 1, dtype=torch.float64)], 1)  # a bias column, as _augment adds
+    truth = torch.randn(5, 13, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 13, generator=g, dtype=torch.float64)  # the "original" head, wrong on purpose
+    exact, _ = fh.fit_one(_stats(z, z @ truth.T), w, 1e-12)  # a vanishing ridge: least squares itself
+    assert torch.allclose(exact, truth, atol=1e-9), (exact - truth).abs().max()
+    fitted, report = fh.fit_one(_stats(z, z @ truth.T), w, "auto")
+    assert torch.allclose(fitted, truth, atol=1e-4), (fitted - truth).abs().max()
+    assert report["heldout_rel_error"] < 1e-10 < 0.1 < report["original_rel_error"]
+    assert report["ridge"] == min(fh.RIDGE_GRID)  # the weakest pull toward the wrong W wins
+    # the statistics give the same squared error as the data
+    st = _stats(z, z @ truth.T)
+    direct = float(((z[:320] @ w.T - (z @ truth.T)[:320]) ** 2).sum())
+    assert math.isclose(fh.squared_error(st.zz["fit"], st.zy["fit"], st.yy["fit"], w), direct, rel_tol=1e-9)
+
+
+def test_growing_ridge_returns_to_the_original_heads_and_pop_is_unchanged():
+    model, tok, _ = tiny.build("tiny-qwen3")  # k-norm after the fitted projection
+    stats = fh.collect(adapter_for(model), fh.calibration_chunks(CALIB, tok, 10 ** 6, 1), [KEEP], progress=False)
+    st, w = stats[KEEP, 5, "key"], model.model.layers[5].self_attn.k_proj.weight.detach().double()
+    scale = fh.scale(st.zz["fit"])
+    gaps = [float((fh.solve(st.zz["fit"], st.zy["fit"], w, r * scale) - w).abs().max()) for r in (1e-3, 1, 1e3, 1e6)]
+    assert gaps[0] > 1e-3 and all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert torch.equal(fh.solve(st.zz["fit"], st.zy["fit"], w, math.inf), w)
+
+    ids = torch.tensor([tok(HELD).input_ids[:60]])
+    mask = torch.ones_like(ids)
+    original = reference.cache_tensors(reference.prefill(model, ids, mask, KEEP))
+    strong = fh.fit(adapter_for(model), stats, KEEP, ridge=1e30)  # finite: every matrix is "fitted", and is W
+    assert len(strong.heads) == 2 * (6 - KEEP)
+    same = reference.cache_tensors(reference.prefill(model, ids, mask, KEEP, heads=strong))
+    assert all(torch.equal(a, b) for pa, pb in zip(original, same) for a, b in zip(pa, pb))
+    weak = fh.fit(adapter_for(model), stats, KEEP, ridge=1e-3)
+    moved = reference.cache_tensors(reference.prefill(model, ids, mask, KEEP, heads=weak))
+    assert not torch.allclose(original[5][0], moved[5][0], atol=1e-3)
+    assert all(torch.equal(a, b) for pa, pb in zip(original[:KEEP], moved[:KEEP]) for a, b in zip(pa, pb))
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3"])
+def test_near_identity_deep_layers_fitted_heads_recover_the_true_kv(family):
+    """Layers K..L-1 add only a little (their branches scaled by 0.01, or by layer-norm weights for Gemma's
+    sandwich norms): the fitted heads' K/V on unseen text are within 1% of the full model's, and closer than
+    the original heads'."""
+    model, tok, _ = tiny.build(family)
+    with torch.no_grad():
+        for l in range(KEEP, 6):
+            layer = model.model.layers[l]
+            if family == "tiny-gemma3":  # Gemma-3 norms each branch after it: scale the norms' output
+                for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                    norm.weight.copy_((1 + norm.weight) * 0.01 - 1)  # Gemma's RMSNorm multiplies by 1 + weight
+            else:
+                layer.self_attn.o_proj.weight.mul_(0.01)
+                layer.mlp.down_proj.weight.mul_(0.01)
+    heads = _calibrate(model, tok)
+    ids = torch.tensor([tok(HELD).input_ids[:200]])
+    mask = torch.ones_like(ids)
+    true = reference.cache_tensors(reference.prefill(model, ids, mask, 6))
+
+    def error(cache):  # relative, worst pruned layer and kind, past the first (sink) position
+        return max(float((cache[l][i][1:] - true[l][i][1:]).norm() / true[l][i][1:].norm())
+                   for l in range(KEEP, 6) for i in (0, 1))
+    original = error(reference.cache_tensors(reference.prefill(model, ids, mask, KEEP)))
+    fitted = error(reference.cache_tensors(reference.prefill(model, ids, mask, KEEP, heads=heads)))
+    assert fitted < 0.01 and fitted < 0.8 * original, (fitted, original)
+
+
+def test_bad_options_fail_before_loading(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    good = tmp_path / "good.txt"
+    good.write_text(CALIB)
+    cases = [(("--kv-heads", "fitted"), "needs calibration text"),
+             (("--kv-heads", "fitted", "--calib", tmp_path / "missing.txt"), "does not exist"),
+             (("--kv-heads", "fitted", "--calib", empty), "is empty"),
+             (("--calib", good), "only used with --kv-heads fitted"),
+             (("--kv-heads", "fitted", "--calib", good, "--ridge", "-1"), "--ridge must be"),
+             (("--kv-heads", "fitted", "--calib", good, "--ridge", "lots"), "--ridge must be"),
+             (("--kv-heads", "fitted", "--calib", good, "--calib-tokens", "10"), "--calib-tokens must be"),
+             (("--kv-heads", "fitted", "--calib", good, "--prefill-layers", "6"), "needs pruned layers")]
+    for args, needle in cases:
+        run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", *args)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and needle in lines[-1] and "Traceback" not in run.stderr, (args, run.stderr)
+        assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
+    with pytest.raises(PopError, match="shorter|tokens; fitted heads need"):
+        fh.calibration_chunks("too short", tiny.build("tiny-llama")[1], 4096)
+
+
+def test_interrupted_calibration_leaves_nothing(tmp_path):
+    calib = tmp_path / "c.txt"
+    calib.write_text(CALIB * 40)
+    out = tmp_path / "o"
+    proc = subprocess.Popen([str(BIN / "pop-export"), "--model", "tiny-gemma3", "--out", str(out), "--kv-heads",
+                             "fitted", "--calib", str(calib)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # interrupt while the calibration pass runs
+        if "fitting the KV heads" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["c.txt"]
+
+
+@pytest.fixture(scope="module")
+def fitted_export(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fitted")
+    calib = folder / "calib.txt"
+    calib.write_text(CALIB)
+    out, manifest = export("tiny-gemma3", folder / "art", prefill_layers=KEEP, kv_heads="fitted", calib=calib,
+                           progress=lambda m: None)
+    return out, manifest, calib
+
+
+def test_fitted_export_manifest_and_verification(fitted_export):
+    out, manifest, calib = fitted_export
+    section = manifest["kv_heads"]
+    assert section["kind"] == "fitted" and section["graph"] == "prefill"
+    assert section["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    assert 0 < section["calibration"]["heldout_tokens"] < section["calibration"]["tokens"]
+    assert [r["index"] for r in section["layers"]] == list(range(KEEP, 6))
+    for row in section["layers"]:
+        for kind in fh.KINDS:
+            assert row[kind]["heldout_rel_error"] <= row[kind]["original_rel_error"] + 1e-12
+    # the layer right after K gets its own input: nothing to correct there
+    assert section["layers"][0]["key"]["heldout_rel_error"] < 1e-6
+    assert any(row[kind]["ridge"] != "inf" for row in section["layers"][1:] for kind in fh.KINDS)
+    report = manifest["verification"]
+    assert report["passed"] and report["tolerance"] == TOLERANCE["float32"] == 1e-4
+    for what in ("prefill_kv", "boundary_logits", "full_logits", "full_kv"):
+        assert report[f"{what}_max_abs"] <= 1e-4 * max(1.0, report[f"{what}_scale"])
+    assert json.loads((out / "pop_manifest.json").read_text())["kv_heads"] == section
+
+
+def _run(directory, ids, n):
+    manifest = json.loads((directory / "pop_manifest.json").read_text())
+    backend, names = OrtBackend(directory, manifest), layer_names(manifest)
+    spec = manifest["kv_cache"]["layers"][0]
+    kv = KVBuffer(6, spec["kv_heads"], spec["head_dim"], n, np.float32, batch=1)
+    kv.mask[:] = 1
+    pos = np.arange(n)[None]
+    backend.run("prefill", *prefill_io(kv, names, ids[:, :-1].copy(), pos[:, :-1].copy(), n - 1))
+    prefill = kv.cache.copy()
+    logits = np.zeros((1, tiny.VOCAB), np.float32)
+    backend.run("decode", *decode_io(kv, names, ids[:, -1:].copy(), pos[:, -1:].copy(), n - 1, 1, logits))
+    return prefill, kv, logits, backend, names
+
+
+def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, exports, hf_models):
+    fitted_dir, manifest, _ = fitted_export
+    original_dir = exports("tiny-gemma3", KEEP)
+    ids = np.array([[1, *tiny.build("tiny-gemma3")[1](HELD, add_special_tokens=False).input_ids[:29]]])
+    n = ids.shape[1]
+    pf, kv_f, _, backend_f, names = _run(fitted_dir, ids, n)
+    po, _, _, backend_o, _ = _run(original_dir, ids, n)
+    # prefill: kept layers identical, pruned layers (past the first, self-fed one) differ
+    np.testing.assert_array_equal(pf[:KEEP, :, :n - 1], po[:KEEP, :, :n - 1])
+    assert np.abs(pf[KEEP + 1:, :, :n - 1] - po[KEEP + 1:, :, :n - 1]).max() > 1e-3
+    # and they are the fitted reference's
+    hf = hf_models("tiny-gemma3").model
+    heads = _calibrate(hf, tiny.build("tiny-gemma3")[1])
+    ref = reference.cache_tensors(reference.prefill(hf, torch.tensor(ids[:, :-1]), torch.ones(1, n - 1, dtype=torch.long),
+                                                    KEEP, heads=heads))
+    for l in range(KEEP, 6):
+        stored = ref[l][0].shape[0]
+        np.testing.assert_allclose(pf[l, 0, n - 1 - stored:n - 1], ref[l][0].numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(pf[l, 1, n - 1 - stored:n - 1], ref[l][1].numpy(), atol=1e-4, rtol=0)
+    # decode: the same inputs and past give bit-identical outputs from both folders
+    outs = []
+    for backend in (backend_f, backend_o):
+        kv = KVBuffer(6, *pf.shape[-2:], n, np.float32, batch=1)
+        kv.mask[:] = 1
+        kv.cache[:, :, :n - 1] = pf[:, :, :n - 1]
+        logits = np.zeros((1, tiny.VOCAB), np.float32)
+        backend.run("decode", *decode_io(kv, names, ids[:, -1:].copy(), np.array([[n - 1]]), n - 1, 1, logits))
+        outs.append((logits, kv.cache[:, :, n - 1].copy()))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    # the extra parameters are in the shared weights file once, and the graphs hold 2 * (L-K) more matrices at most
+    assert manifest["kv_heads"]["fitted_parameters"] <= 2 * (6 - KEEP) * 64 * 32
+
+
+def test_eval_runs_fitted_heads_like_the_reference_and_recommends_within_budget(tmp_path):
+    from pop.quality import data, fidelity
+    from pop.quality.evaluate import evaluate
+    from pop.quality.methods import HFRunner, Method
+    model, tok, _ = tiny.build("tiny-qwen3")
+    heads = _calibrate(model, tok)
+    run = HFRunner(model)
+    own = model.model.layers[5].self_attn.k_proj.weight.clone()
+    prompt = tok(HELD).input_ids[:30]
+    _, cache, _ = run.prefill(Method("fitted", tuple(range(KEEP, 6)), heads=heads), prompt)
+    assert torch.equal(model.model.layers[5].self_attn.k_proj.weight, own)  # swapped back
+    ref = reference.prefill(model, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long),
+                            KEEP, heads=heads)
+    for l in range(6):
+        assert torch.allclose(cache.layers[l].keys[..., :-1, :], ref.layers[l].keys, atol=1e-5)
+        assert torch.allclose(cache.layers[l].values[..., :-1, :], ref.layers[l].values, atol=1e-5)
+
+    text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
+    text.write_text(HELD * 3)
+    calib.write_text(CALIB)
+    report = evaluate(model="tiny-qwen3", data_paths=[text], ks=[5, 4, 3], samples=4, prompt_len=20, continuation=4,
+                      greedy_tokens=4, progress=lambda m: None, kv_heads=["original", "fitted"], calib=calib,
+                      max_kl=0.02)
+    rows = {r["method"]: r for r in report["data"][0]["results"]}
+    assert {f"POP K={k}, fitted heads" for k in (5, 4, 3)} <= set(rows)
+    # pruning only the last layer is exact with either head
+    assert rows["POP K=5, fitted heads"]["kl_full_to_method"] < 1e-9 and rows["POP K=5"]["kl_full_to_method"] < 1e-9
+    speed = [rows[f"POP K={k}"]["expected_ttft_speedup"] for k in (5, 4, 3)]
+    assert rows["full"]["expected_ttft_speedup"] < speed[0] < speed[1] < speed[2]
+    assert rows["POP K=3, fitted heads"]["expected_ttft_speedup"] == speed[2]
+    rec = report["recommendation"]
+    for heads_kind, suffix in (("original", ""), ("fitted", ", fitted heads")):
+        kls = {k: rows[f"POP K={k}{suffix}"]["kl_full_to_method"] for k in (5, 4, 3)}
+        within = [k for k, kl in kls.items() if kl <= 0.02]
+        assert (rec[heads_kind] or {}).get("prefill_layers") == (min(within) if within else None)
+    assert report["calibration"]["sha256"] and set(report["calibration"]["layers"]) == {5, 4, 3}
+    # bad options are one-line errors before any model loads
+    for kwargs, needle in (({"kv_heads": ["fitted"]}, "needs calibration text"),
+                           ({"calib": calib}, "only used with --kv-heads fitted"),
+                           ({"max_kl": 0}, "--max-kl must be positive")):
+        with pytest.raises(PopError, match=needle):
+            evaluate(model="no-such-model", data_paths=[text], progress=lambda m: None, **kwargs)
+
+
+def test_eval_of_fitted_artifacts_matches_pytorch(fitted_export):
+    from pop.quality.evaluate import evaluate
+    out, _, calib = fitted_export
+    report = evaluate(artifacts=out, data_paths=[calib], ks=[KEEP], samples=3, prompt_len=20, continuation=4,
+                      greedy_tokens=4, progress=lambda m: None, kv_heads=["fitted"], calib=calib)
+    rows = {r["method"]: r for r in report["data"][0]["results"]}
+    runtime, hf = rows[f"exported graphs, pop runtime, POP K={KEEP}, fitted heads"], rows[f"POP K={KEEP}, fitted heads"]
+    for key in ("top1_agreement", "greedy_exact_match", "greedy_common_prefix"):
+        assert runtime[key] == hf[key]
+    assert abs(runtime["perplexity"] - hf["perplexity"]) < 1e-3 * hf["perplexity"]
+    assert abs(runtime["kl_full_to_method"] - hf["kl_full_to_method"]) < 1e-4
+
+
+def test_cli_eval_and_analyze_fitted(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(CALIB)
+    run = cli("pop-eval", "--model", "tiny-gemma3", "--data", text, "--samples", 2, "--prompt-len", 16,
+              "--continuation", 4, "--greedy-tokens", 4, "--prefill-layers", 4, "--kv-heads", "original", "fitted",
+              "--calib", text, "--max-kl", 0.5, "--out", tmp_path / "e")
+    assert run.returncode == 0, run.stderr
+    assert "POP K=4, fitted heads" in run.stdout and "Deepest pruning within KL <= 0.5" in run.stdout
+    assert (tmp_path / "e" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    run = cli("pop-analyze", "--model", "tiny-gemma3", "--data", text, "--samples", 2, "--prompt-len", 16,
+              "--new-tokens", 4, "--kv-heads", "fitted", "--out", tmp_path / "a")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "a" / "importance.json").read_text())
+    keeps = {report["recommended_prefill_layers"], report["default_prefill_layers"]} - {6}
+    assert set(map(int, report["kv_heads"]["layers"])) == keeps
+    for k, rows in report["kv_heads"]["layers"].items():
+        assert [r["index"] for r in rows] == list(range(int(k), 6))
+        assert all(r[kind]["heldout_rel_error"] <= r[kind]["original_rel_error"] + 1e-12
+                   for r in rows for kind in fh.KINDS)
+
+
+@pytest.mark.slow
+def test_real_model_fitted_heads_are_closer_to_the_full_model():
+    from pathlib import Path
+
+    from pop.quality.evaluate import evaluate
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+    assert (shared / "persuasion.txt").is_file(), f"{shared} is missing: the shared text data must sit beside the project"
+    report = evaluate(model="smollm2-135m", data_paths=[shared / "persuasion.txt"], ks=[20], samples=8, prompt_len=64,
+                      continuation=8, greedy_tokens=8, progress=lambda m: None, kv_heads=["original", "fitted"],
+                      calib=shared / "prideprejudice.txt", calib_tokens=8192)
+    rows = {r["method"]: r for r in report["data"][0]["results"]}
+    assert rows["POP K=20, fitted heads"]["kl_full_to_method"] < rows["POP K=20"]["kl_full_to_method"]
+    layers = report["calibration"]["layers"][20]
+    assert sum(r["key"]["heldout_rel_error"] for r in layers) < sum(r["key"]["original_rel_error"] for r in layers)
