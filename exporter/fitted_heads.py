@@ -121,6 +121,10 @@ def collect(adapter, chunks, keeps, progress=True):
     The first position of each sequence is left out: its hidden states are the
     model's attention sink, orders of magnitude larger than any other token's,
     and would dominate a least-squares fit made for the tokens that follow.
+    The graphs and references keep the layers' own matrices there in turn: a
+    fit applied to a token far outside its data moved the sink's keys enough to
+    undo its gain (SmolLM2-135M, K=20: first-token KL 0.53 against POP's 0.20;
+    0.05 with the sink left alone).
     """
     keeps = sorted(set(keeps))
     stats = {}

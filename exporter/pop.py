@@ -149,16 +149,24 @@ class _PopGraph(nn.Module):
         h = h + (m if gate is None else gate * m)
         return h, k, v
 
-    def kv_head(self, l, h, rope, heads=None):
+    def kv_head(self, l, h, rope, heads=None, sink=None):
         """Independent KV projection of a pruned layer, from the kept hidden state.
 
         heads (exporter/fitted_heads.py), when given, replaces the layer's K/V
-        matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's."""
+        matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's.
+        sink ([B, T, 1, 1], true at position 0) keeps the layer's own matrices for
+        the attention sink, which the fit never saw (fitted_heads.collect)."""
         ad = self.ad
         cos, sin = rope[ad.rope_kind(l)]
         x = ad.attn_norm(l, h)
-        k_proj, v_proj = (heads.proj("key", l), heads.proj("value", l)) if heads is not None else (None, None)
-        return apply_rope(ad.k(l, x, k_proj), cos, sin), ad.v(l, x, v_proj)
+        k, v = ad.k(l, x), ad.v(l, x)
+        if heads is not None:
+            k_proj, v_proj = heads.proj("key", l), heads.proj("value", l)
+            if k_proj is not None:
+                k = torch.where(sink, k, ad.k(l, x, k_proj))
+            if v_proj is not None:
+                v = torch.where(sink, v, ad.v(l, x, v_proj))
+        return apply_rope(k, cos, sin), v
 
 
 def seq_major(x):
@@ -191,8 +199,12 @@ class PopPrefill(_PopGraph):
             h, k, v = self.layer(l, h, rope, masks, empty, empty)
             h = self._deepstack(l, h, mm)
             presents += [seq_major(k), seq_major(v)]
+        sink = None
+        if self.heads is not None:
+            text_pos = position_ids if position_ids.dim() == 2 else position_ids[0]  # M-RoPE: [3, B, T]
+            sink = (text_pos == 0)[..., None, None]
         for l in range(self.keep, self.ad.num_layers):
-            k, v = self.kv_head(l, h, rope, self.heads)
+            k, v = self.kv_head(l, h, rope, self.heads, sink)
             presents += [seq_major(k), seq_major(v)]
         return tuple(presents)
 

@@ -44,7 +44,11 @@ def _kv_projection(hf_model, layer_idx, h, position_ids, heads=None):
 
     def project(kind, own):
         fitted = heads.proj(kind, layer_idx) if heads is not None else None
-        return own(x) if fitted is None else torch.nn.functional.linear(x, fitted.weight, fitted.bias)
+        if fitted is None:
+            return own(x)
+        # the fit saw no position-0 token (fitted_heads.collect): the attention sink keeps the layer's own matrix
+        sink = (position_ids if position_ids.dim() == 2 else position_ids[0])[..., None] == 0
+        return torch.where(sink, own(x), torch.nn.functional.linear(x, fitted.weight, fitted.bias))
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     k = project("key", attn.k_proj).view(b, t, -1, attn.head_dim)

@@ -113,24 +113,25 @@ class HFRunner:
 
     @contextmanager
     def _fitted(self, heads):
-        """The fitted K/V matrices in place of the pruned layers' own, for the duration."""
-        saved = []
+        """The fitted K/V matrices in place of the pruned layers' own, for the shallow prefill, which starts at
+        position 0.  Position 0 keeps the layer's own matrix: the fit never saw it (fitted_heads.collect)."""
+        def swap(fit):
+            def hook(module, args, out):
+                fitted = torch.nn.functional.linear(args[0], fit.weight, fit.bias)
+                return torch.cat([out[:, :1], fitted[:, 1:]], 1)
+            return hook
+        handles = []
         for l in range(heads.keep, len(self.layers)) if heads is not None else ():
             attn = self.layers[l].self_attn
             for kind, own in (("key", attn.k_proj), ("value", attn.v_proj)):
                 fit = heads.proj(kind, l)
                 if fit is not None:
-                    saved.append((own, own.weight.data, None if own.bias is None else own.bias.data))
-                    own.weight.data = fit.weight.data
-                    if own.bias is not None:
-                        own.bias.data = fit.bias.data
+                    handles.append(own.register_forward_hook(swap(fit)))
         try:
             yield
         finally:
-            for own, weight, bias in saved:
-                own.weight.data = weight
-                if bias is not None:
-                    own.bias.data = bias
+            for h in handles:
+                h.remove()
 
     def _forward(self, ids, cache, state):
         t = ids.shape[1]

@@ -199,6 +199,8 @@ def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, expor
     # prefill: kept layers identical, pruned layers (past the first, self-fed one) differ
     np.testing.assert_array_equal(pf[:KEEP, :, :n - 1], po[:KEEP, :, :n - 1])
     assert np.abs(pf[KEEP + 1:, :, :n - 1] - po[KEEP + 1:, :, :n - 1]).max() > 1e-3
+    # except at position 0, the attention sink the fit never saw, where the layers' own matrices stay
+    np.testing.assert_allclose(pf[KEEP:, :, 0], po[KEEP:, :, 0], atol=1e-5, rtol=0)
     # and they are the fitted reference's
     hf = hf_models("tiny-gemma3").model
     heads = _calibrate(hf, tiny.build("tiny-gemma3")[1])
