@@ -14,8 +14,10 @@ from .errors import PopError
 
 FILE = "pop_manifest.json"
 FORMAT = "pop-manifest"
-SCHEMA_VERSION = 2  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
-READABLE = (1, 2)  # a version-1 manifest is a text model's version 2
+SCHEMA_VERSION = 3  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
+# 3: a graph may be an AOTInductor package (format "aoti", its device, weights.tensors), which a
+#    version-2 runtime would hand to ONNX Runtime
+READABLE = (1, 2, 3)  # a version-1 manifest is a text model's version 2; a version-2 one is ONNX-only 3
 
 REQUIRED = ("format", "schema_version", "model", "pop", "dtype", "max_seq_len", "kv_cache",
             "graphs", "weights", "tokenizer", "generation", "provenance")
