@@ -18,11 +18,11 @@ from pathlib import Path
 from pop.runtime import manifest as manifest_io
 from pop.runtime.errors import PopError
 
-from . import fitted_heads, sources, to_onnx, to_tensorrt
+from . import fitted_heads, sources, to_aoti, to_onnx, to_tensorrt
 from .families import adapter_for
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-BACKENDS = ("onnx", "trt")
+BACKENDS = ("onnx", "trt", "aoti")
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
@@ -169,12 +169,17 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
                                            calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge,
                                            sources.bos_for(loaded.tokenizer), calib)[keep]
         t = time.perf_counter()
-        graphs = to_onnx.trace(adapter, keep, max_seq_len, hf.dtype, progress, heads)
-        trace_s = time.perf_counter() - t
-        progress("writing one shared weights file for both graphs")
-        stored = to_onnx.save_shared(graphs, tmp)
-        graphs_written = list(graphs)
-        del graphs
+        if backend == "aoti":  # AOTInductor packages instead of ONNX graphs, over the same kind of weights.bin
+            graph_specs, stored = to_aoti.export(adapter, keep, max_seq_len, hf.dtype, tmp, progress, heads)
+            trace_s = time.perf_counter() - t
+        else:
+            graphs = to_onnx.trace(adapter, keep, max_seq_len, hf.dtype, progress, heads)
+            trace_s = time.perf_counter() - t
+            progress("writing one shared weights file for both graphs")
+            stored = to_onnx.save_shared(graphs, tmp)
+            graph_specs = {name: {"file": f"{name}.onnx", "format": "onnx", "opset": to_onnx.OPSET,
+                                  **to_onnx.describe_io(tmp / f"{name}.onnx")} for name in graphs}
+            del graphs
         param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         manifest = {
             "model": {"name": loaded.name, "architecture": type(hf).__name__, "source": loaded.source,
@@ -189,11 +194,11 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
             "max_seq_len": max_seq_len,
             "positions": _positions_section(adapter),
             "kv_cache": _kv_section(adapter, keep, DTYPES[dtype]),
-            "graphs": {name: {"file": f"{name}.onnx", "format": "onnx", "opset": to_onnx.OPSET,
-                              **to_onnx.describe_io(tmp / f"{name}.onnx")} for name in graphs_written},
+            "graphs": graph_specs,
             "weights": {"file": to_onnx.WEIGHTS, "bytes": (tmp / to_onnx.WEIGHTS).stat().st_size,
                         "unique_tensors": stored["unique_tensors"],
-                        "referenced_bytes": stored["referenced_bytes"], "stored_bytes": stored["stored_bytes"]},
+                        "referenced_bytes": stored["referenced_bytes"], "stored_bytes": stored["stored_bytes"],
+                        **({"tensors": stored["tensors"]} if "tensors" in stored else {})},
             "tokenizer": _tokenizer_section(loaded.tokenizer, hf, tmp, loaded.processor),
             "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
             "engines": {},
@@ -220,7 +225,7 @@ def export(model, out=None, backend="onnx", prefill_layers=None, prune_ratio=Non
                             heads)
             manifest["verification"] = report
             if not report["passed"]:
-                raise PopError(f"verification failed: the ONNX graphs differ from the PyTorch reference "
+                raise PopError(f"verification failed: the exported graphs differ from the PyTorch reference "
                                f"beyond {report['tolerance']} x scale: max abs differences {_fail_report(report)}; nothing was written")
             progress(f"verified: {_fail_report(report)} (tolerance {report['tolerance']} x scale)")
         del loaded, hf, adapter, heads

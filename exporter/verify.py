@@ -8,7 +8,7 @@ frozen at trace time, a wrong mask or a wrong window shows up here.
 import numpy as np
 import torch
 
-from pop.runtime.backends.ort import OrtBackend
+from pop.runtime.backends import open_backend
 from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
 
 from . import reference
@@ -146,7 +146,7 @@ def verify(hf_model, adapter, keep, directory, manifest, dtype_name, threads=Non
     tolerance, and then either order is correct.  heads: the fitted KV heads the
     prefill graph was traced with, which the reference then uses too.
     """
-    backend = OrtBackend(directory, manifest, threads)
+    backend = open_backend(None, directory, manifest, threads)  # the artifacts' own: ONNX Runtime or AOTInductor
     report = {"tolerance": TOLERANCE[dtype_name]}
     if adapter.image_inputs:
         progress("verify: vision graph against HF's image features")
