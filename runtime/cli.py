@@ -37,9 +37,10 @@ def parser():
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--backend", default="ort", choices=BACKENDS,
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="ort: ONNX Runtime on the CPU; ort-cuda: its CUDA provider; trt: the TensorRT engines "
-                        "(both GPU backends keep the KV cache in device memory)")
+                        "(both GPU backends keep the KV cache in device memory); aoti: AOTInductor packages. "
+                        "Default: the artifacts' own (aoti for pop-export --backend aoti, else ort)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (CPU)")
     p.add_argument("--prepack-weights", action="store_true",
                    help="let ONNX Runtime re-lay weights per graph: faster, but holds them twice in RAM")

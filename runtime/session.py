@@ -64,8 +64,9 @@ class PopSession:
         self._ensure(1)
 
     @classmethod
-    def load(cls, directory, backend="ort", threads=None, prepack=False):
-        """backend: ort (CPU), ort-cuda or trt (runtime/backends).  prepack=True trades a
+    def load(cls, directory, backend=None, threads=None, prepack=False):
+        """backend: ort (CPU), ort-cuda, trt or aoti (runtime/backends); None: the artifacts' own
+        (aoti for AOTInductor packages, else ort).  prepack=True trades a
         private copy of the weights per graph for faster matmuls (ONNX Runtime on the CPU)."""
         directory = Path(directory)
         manifest = manifest_io.load(directory)
