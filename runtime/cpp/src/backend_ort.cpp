@@ -1,0 +1,97 @@
+// ONNX Runtime (ONNX exports), through its C++ API (onnxruntime_cxx_api.h).
+//
+// Compiled only with -DPOP_ONNXRUNTIME_ROOT=<SDK>: no ONNX Runtime SDK can be had where
+// libpop is built and tested, so this file is written against ONNX Runtime's documented
+// API and has not been compiled in CI (runtime/cpp/README.md).  CPU only.
+//
+// Every input and output is bound in place with IoBinding over the session's memory, so
+// the graphs read the past from and write new K/V into the one KV buffer, as the Python
+// backend (runtime/backends/ort.py) does.  Unlike it, each graph here lets ONNX Runtime
+// read weights.bin itself (external data): the weights are not yet shared between the
+// prefill and decode sessions in memory.
+#include <onnxruntime_cxx_api.h>
+
+#include <cstdlib>
+#include <unordered_map>
+
+#include "backend.hpp"
+#include "pop/pop.hpp"
+
+namespace pop {
+
+static ONNXTensorElementDataType element_type(const std::string& dtype) {
+  if (dtype == "float32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (dtype == "float16") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if (dtype == "bfloat16") return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  if (dtype == "int64") return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  if (dtype == "int32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  if (dtype == "bool") return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+  throw Error(Status::bad_artifacts, "unsupported dtype " + dtype);
+}
+
+class OrtBackend : public Backend {
+ public:
+  OrtBackend(const Manifest& m, int threads)
+      : env_(ORT_LOGGING_LEVEL_WARNING, "pop"), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+    if (m.kv_dtype == "bfloat16") throw Error(Status::invalid_argument, "ONNX Runtime's CPU provider has no bf16 kernels");
+    for (const auto& [name, g] : m.graphs) {
+      Ort::SessionOptions options;
+      options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+      options.SetIntraOpNumThreads(threads > 0 ? threads : 0);
+      options.SetInterOpNumThreads(1);
+      options.AddConfigEntry("session.disable_prepacking", "1");  // no private re-laid-out copy per session
+      try {
+        auto session = std::make_unique<Ort::Session>(env_, m.path(g.file).c_str(), options);
+        auto binding = std::make_unique<Ort::IoBinding>(*session);
+        graphs_.emplace(name, Graph{std::move(session), std::move(binding)});
+      } catch (const Ort::Exception& e) {
+        throw Error(Status::bad_artifacts, g.file + " cannot be loaded by ONNX Runtime: " + e.what());
+      }
+    }
+  }
+
+  std::string name() const override { return "ort"; }
+
+  void* alloc(size_t bytes) override {
+    void* p = std::calloc(bytes ? bytes : 1, 1);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void release(void* data) override { std::free(data); }
+
+  void run(const std::string& name, const std::vector<View>& inputs, const std::vector<View>& outputs) override {
+    Graph& g = graphs_.at(name);
+    g.binding->ClearBoundInputs();
+    g.binding->ClearBoundOutputs();
+    try {
+      for (const auto& v : inputs) g.binding->BindInput(v.name, value(v));
+      for (const auto& v : outputs) g.binding->BindOutput(v.name, value(v));
+      g.session->Run(Ort::RunOptions{nullptr}, *g.binding);
+    } catch (const Ort::Exception& e) {
+      throw Error(Status::backend, "the " + name + " graph failed: " + e.what());
+    }
+  }
+
+ private:
+  struct Graph {
+    std::unique_ptr<Ort::Session> session;
+    std::unique_ptr<Ort::IoBinding> binding;
+  };
+
+  Ort::Value value(const View& v) {
+    int64_t count = 1;
+    for (int64_t d : v.shape) count *= d;
+    return Ort::Value::CreateTensor(memory_, v.data, size_t(count) * dtype_size(v.dtype), v.shape.data(),
+                                    v.shape.size(), element_type(v.dtype));
+  }
+
+  Ort::Env env_;
+  Ort::MemoryInfo memory_;
+  std::unordered_map<std::string, Graph> graphs_;
+};
+
+std::unique_ptr<Backend> open_ort(const Manifest& manifest, int threads) {
+  return std::make_unique<OrtBackend>(manifest, threads);
+}
+
+}  // namespace pop
