@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pop.runtime.backends import BACKENDS
 from pop.runtime.errors import PopError, run_command
 
-from . import cost, measure, peers, report
+from . import cost, measure, peers, report, runtime_peers
 
 
 def _ints(name):
@@ -53,7 +53,11 @@ def parser():
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--threads", type=int, default=None, help="threads for every method (default: the usable cores)")
     p.add_argument("--peers", default="hf,optimum",
-                   help="comma-separated peers to run beside ours: hf, optimum, or none")
+                   help="comma-separated peers to run beside ours: hf, optimum, cpp (the C++ runtime on the same "
+                        "AOTI artifacts, with its per-step overhead against Python's), other (--other-artifacts), "
+                        "or none")
+    p.add_argument("--other-artifacts", default=None,
+                   help="the same model exported for the other backend, for --peers other (ORT against AOTI)")
     p.add_argument("--optimum-python", default=None,
                    help="python of the Optimum virtualenv (default: $POP_OPTIMUM_PYTHON or .venv-optimum)")
     p.add_argument("--optimum-dir", default=None,
@@ -64,7 +68,7 @@ def parser():
     p.add_argument("--prepack-weights", action="store_true",
                    help="let ONNX Runtime re-lay the weights per graph (as pop-generate's flag): faster at batch > 1, "
                         "more memory")
-    p.add_argument("--backend", default="ort", choices=BACKENDS,
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="our runtime's backend (ort-cuda and trt need an NVIDIA GPU; their graph times come from "
                         "CUDA events; peers run on the CPU, so with a GPU backend they are skipped)")
     p.add_argument("--json", dest="json_out", default=None, help="write the full report here")
@@ -93,9 +97,9 @@ def _check(args, max_seq_len):
     if any(n < 2 for n in args.prompt_lens):
         raise PopError("prompt lengths must be at least 2: POP prefills tokens 1..N-1 and runs the last in full")
     chosen = [] if args.peers.strip() in ("", "none") else [p.strip() for p in args.peers.split(",")]
-    unknown = [p for p in chosen if p not in peers.PEERS]
+    unknown = [p for p in chosen if p not in peers.PEERS + runtime_peers.PEERS]
     if unknown:
-        raise PopError(f"unknown peer {unknown[0]!r}; use {', '.join(peers.PEERS)} or none")
+        raise PopError(f"unknown peer {unknown[0]!r}; use {', '.join(peers.PEERS + runtime_peers.PEERS)} or none")
     for out, suffix in ((args.json_out, ".json"), (args.plot, ".png")):
         if out and not Path(out).resolve().parent.is_dir():
             raise PopError(f"cannot write {out}: its folder does not exist")
@@ -110,7 +114,7 @@ def bench(args):
 
     manifest = manifest_io.load(args.artifacts)  # fails fast, before anything is timed
     chosen = _check(args, int(manifest["max_seq_len"]))
-    if chosen and args.backend != "ort":
+    if chosen and args.backend in ("ort-cuda", "trt"):
         print(f"pop-bench: the peers run on the CPU, so they are not compared with --backend {args.backend}; "
               f"not run", file=sys.stderr)
         chosen = []
@@ -124,6 +128,7 @@ def bench(args):
     threads = args.threads or len(os.sched_getaffinity(0))
     session = PopSession.load(args.artifacts, args.backend, threads=threads, prepack=args.prepack_weights)
     args.device = session.backend.device
+    args.backend = args.backend or session.backend.name
     tok = manifest["tokenizer"]
     if args.image_sizes:
         return _bench_images(args, manifest, session, shapes, threads)
@@ -249,6 +254,22 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                     measured[(b, n)] = peer.measure(ids, args.new_tokens, args.runs, args.warmup, bar.update)
                 entry = {"name": peers.HFEager.name, "available": True, "versions": peer.versions}
                 del peer
+            elif name in runtime_peers.PEERS:  # pop's C++ runtime, or the other backend's export
+                cls = runtime_peers.CppRuntime if name == "cpp" else runtime_peers.OtherBackend
+                peer = cls(args.artifacts if name == "cpp" else args.other_artifacts, manifest, threads)
+                measured = {}
+                for b, n, ids in configs:
+                    if name == "cpp" and b != 1:
+                        continue  # one request per C++ session
+                    bar.set_postfix_str(f"{cls.name}, batch {b}, prompt {n}")
+                    measured[(b, n)] = m = peer.measure(ids, args.new_tokens, args.runs, args.warmup, bar.update)
+                    if "overhead_per_decode_step_ms" in m:
+                        o = m["overhead_per_decode_step_ms"]
+                        bar.write(f"prompt {n}: runtime overhead per decode step, C++ {o['cpp']['median']:.4f} ms "
+                                  f"({100 * o['cpp_share_of_backend']:.2f}% of the backend's run), Python "
+                                  f"{o['python']['median']:.4f} ms ({100 * o['python_share_of_backend']:.2f}%)")
+                entry = {"name": cls.name, "available": True, "versions": peer.versions}
+                del peer
             else:
                 python = peers.optimum_python(args.optimum_python)
                 export_dir = args.optimum_dir or Path("artifacts") / "optimum" / manifest["model"]["name"]
@@ -259,7 +280,7 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                          "export": str(Path(export_dir).resolve()), "logits_all_positions": peer.logits_all_positions}
         except PopError as e:
             bar.write(f"{name}: not run: {e}")
-            out.append({"name": peers.HFEager.name if name == "hf" else peers.OptimumOnnx.name,
+            out.append({"name": runtime_peers.NAMES.get(name) or (peers.HFEager.name if name == "hf" else peers.OptimumOnnx.name),
                         "available": False, "why": str(e)})
             continue
         results = []
@@ -272,7 +293,9 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                             "pop_decode_vs_peer": (mine["decode_ms_per_token"]["median"] / m["decode_per_token"]["median"]
                                                    if m["decode_per_token"] else None),
                             "first_token_agreement": peers.first_token_agreement(mine["first_tokens"].get("full"),
-                                                                                 m.get("first_tokens"))})
+                                                                                 m.get("first_tokens")),
+                            **({"overhead_per_decode_step_ms": m["overhead_per_decode_step_ms"]}
+                               if "overhead_per_decode_step_ms" in m else {})})
         entry["results"] = results
         out.append(entry)
     return out
