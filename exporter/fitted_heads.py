@@ -181,7 +181,7 @@ def scale(zz):
 def fit_one(st: Stats, w, ridge="auto"):
     """(fitted W', report) for one matrix.  The report's errors are relative (||.||^2 / ||Y||^2) on held-out tokens
     of a fit to the other tokens; W' is then refitted on all tokens at the chosen strength."""
-    zz, zy, yy = st.zz["fit"], st.zy["fit"], st.yy["fit"]
+    zz, zy = st.zz["fit"], st.zy["fit"]
     held = (st.zz["held"], st.zy["held"], max(st.yy["held"], 1e-300))
     candidates = (*RIDGE_GRID, math.inf) if ridge == "auto" else (ridge,)
     errors = {r: squared_error(*held, solve(zz, zy, w, r * scale(zz))) / held[2] for r in candidates}
