@@ -7,14 +7,17 @@ BUILD ?= build/cpp
 CMAKE_ARGS ?=
 
 TORCH_CMAKE = $$($(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-JSON_INCLUDE = $$($(PYTHON) -c 'import nlohmann_json, os; print(os.path.join(os.path.dirname(nlohmann_json.__file__), "include"))')
+# located, not imported: the package's __init__ needs importlib_resources, which --no-deps leaves out
+JSON_FIND = import importlib.util as u; s = u.find_spec("nlohmann_json"); print(s.submodule_search_locations[0] + "/include")
+JSON_INCLUDE = $$($(PYTHON) -c '$(JSON_FIND)')
 
 .PHONY: cpp cpp-asan cpp-leakcheck json
 
 json:
-	@$(PYTHON) -c 'import nlohmann_json' 2>/dev/null || $(PYTHON) -m pip install --quiet --no-deps $(JSON_PIN)
+	@$(PYTHON) -c '$(JSON_FIND)' >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --no-deps $(JSON_PIN)
 
 cpp: json
+	@mkdir -p $(BUILD)
 	cmake -S runtime/cpp -B $(BUILD) -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" -DPOP_JSON_INCLUDE="$(JSON_INCLUDE)" $(CMAKE_ARGS) > $(BUILD).configure.log 2>&1 || (cat $(BUILD).configure.log; exit 1)
 	@grep '^-- pop:' $(BUILD).configure.log
 	cmake --build $(BUILD) -j2
