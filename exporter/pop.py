@@ -154,18 +154,23 @@ class _PopGraph(nn.Module):
 
         heads (exporter/fitted_heads.py), when given, replaces the layer's K/V
         matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's.
-        sink ([B, T, 1, 1], true at position 0) keeps the layer's own matrices for
-        the attention sink, which the fit never saw (fitted_heads.collect)."""
+        sink ([B, T, 1], 1.0 at position 0) keeps the layer's own matrices for the
+        attention sink, which the fit never saw (fitted_heads.collect)."""
         ad = self.ad
         cos, sin = rope[ad.rope_kind(l)]
         x = ad.attn_norm(l, h)
-        k, v = ad.k(l, x), ad.v(l, x)
-        if heads is not None:
-            k_proj, v_proj = heads.proj("key", l), heads.proj("value", l)
+        k_proj, v_proj = (None, None) if heads is None else (heads.proj("key", l), heads.proj("value", l))
+        k, v = ad.k(l, x, k_proj), ad.v(l, x, v_proj)
+        if k_proj is not None or v_proj is not None:
+            # The own matrices are needed at the sink only, one row per sequence: projecting all
+            # T rows twice would cost prefill a second head per pruned layer. Positions follow
+            # the manifest's rule (padded slots get 1), so each row has exactly one position 0.
+            x0 = (x * sink).sum(1, keepdim=True)
+            at_sink = sink[..., None] > 0
             if k_proj is not None:
-                k = torch.where(sink, k, ad.k(l, x, k_proj))
+                k = torch.where(at_sink, ad.k(l, x0), k)
             if v_proj is not None:
-                v = torch.where(sink, v, ad.v(l, x, v_proj))
+                v = torch.where(at_sink, ad.v(l, x0), v)
         return apply_rope(k, cos, sin), v
 
 
@@ -202,7 +207,7 @@ class PopPrefill(_PopGraph):
         sink = None
         if self.heads is not None:
             text_pos = position_ids if position_ids.dim() == 2 else position_ids[0]  # M-RoPE: [3, B, T]
-            sink = (text_pos == 0)[..., None, None]
+            sink = (text_pos == 0).to(h.dtype)[..., None]
         for l in range(self.keep, self.ad.num_layers):
             k, v = self.kv_head(l, h, rope, self.heads, sink)
             presents += [seq_major(k), seq_major(v)]
