@@ -114,6 +114,15 @@ class Stats:
         self.tokens[split] += z.shape[0]
 
 
+def sink_mask(position_ids):
+    """[B, T] bool, true at each row's first position-0 token: the attention sink, which
+    collect() leaves out and the graphs and references project with the layer's own
+    matrices. Only the first: under M-RoPE ([3, B, T]) the tokens of an image that
+    opens the prompt share temporal position 0 too, and are ordinary tokens."""
+    zero = (position_ids if position_ids.dim() == 2 else position_ids[0]) == 0
+    return zero & (zero.cumsum(-1) == 1)
+
+
 @torch.no_grad()
 def collect(adapter, chunks, keeps, progress=True):
     """{(K, l, kind): Stats} for every K in keeps and every layer l >= K, from one full-model pass per chunk.

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .families.llama import apply_rope
+from .fitted_heads import sink_mask
 
 
 def key_mask(attention_mask, past_len, new_len, window, groups=None):
@@ -154,17 +155,17 @@ class _PopGraph(nn.Module):
 
         heads (exporter/fitted_heads.py), when given, replaces the layer's K/V
         matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's.
-        sink ([B, T, 1], 1.0 at position 0) keeps the layer's own matrices for the
-        attention sink, which the fit never saw (fitted_heads.collect)."""
+        sink ([B, T, 1], 1.0 at each row's first token, fitted_heads.sink_mask) keeps the
+        layer's own matrices for the attention sink, which the fit never saw
+        (fitted_heads.collect)."""
         ad = self.ad
         cos, sin = rope[ad.rope_kind(l)]
         x = ad.attn_norm(l, h)
         k_proj, v_proj = (None, None) if heads is None else (heads.proj("key", l), heads.proj("value", l))
         k, v = ad.k(l, x, k_proj), ad.v(l, x, v_proj)
         if k_proj is not None or v_proj is not None:
-            # The own matrices are needed at the sink only, one row per sequence: projecting all
-            # T rows twice would cost prefill a second head per pruned layer. Positions follow
-            # the manifest's rule (padded slots get 1), so each row has exactly one position 0.
+            # The own matrices are needed at the sink only, one token per sequence: projecting
+            # all T rows twice would cost prefill a second head per pruned layer.
             x0 = (x * sink).sum(1, keepdim=True)
             at_sink = sink[..., None] > 0
             if k_proj is not None:
@@ -206,8 +207,7 @@ class PopPrefill(_PopGraph):
             presents += [seq_major(k), seq_major(v)]
         sink = None
         if self.heads is not None:
-            text_pos = position_ids if position_ids.dim() == 2 else position_ids[0]  # M-RoPE: [3, B, T]
-            sink = (text_pos == 0).to(h.dtype)[..., None]
+            sink = sink_mask(position_ids).to(h.dtype)[..., None]
         for l in range(self.keep, self.ad.num_layers):
             k, v = self.kv_head(l, h, rope, self.heads, sink)
             presents += [seq_major(k), seq_major(v)]

@@ -5,6 +5,8 @@ attention, with POP applied on top.  It shares no code with the traced graphs
 import torch
 from transformers import DynamicCache
 
+from .fitted_heads import sink_mask
+
 
 def positions(attention_mask):
     """Position ids for left-padded rows, the way HF generate derives them."""
@@ -47,8 +49,7 @@ def _kv_projection(hf_model, layer_idx, h, position_ids, heads=None):
         if fitted is None:
             return own(x)
         # the fit saw no position-0 token (fitted_heads.collect): the attention sink keeps the layer's own matrix
-        sink = (position_ids if position_ids.dim() == 2 else position_ids[0])[..., None] == 0
-        return torch.where(sink, own(x), torch.nn.functional.linear(x, fitted.weight, fitted.bias))
+        return torch.where(sink_mask(position_ids)[..., None], own(x), torch.nn.functional.linear(x, fitted.weight, fitted.bias))
     x = layer.input_layernorm(h)
     b, t, _ = x.shape
     k = project("key", attn.k_proj).view(b, t, -1, attn.head_dim)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pop.exporter import fitted_heads as fh
-from pop.exporter import reference, tiny
+from pop.exporter import reference, tiny, to_tensorrt
 from pop.exporter.export import export
 from pop.exporter.families import adapter_for
 from pop.exporter.verify import TOLERANCE
@@ -153,6 +153,21 @@ def fitted_export(tmp_path_factory):
     out, manifest = export("tiny-gemma3", folder / "art", prefill_layers=KEEP, kv_heads="fitted", calib=calib,
                            progress=lambda m: None)
     return out, manifest, calib
+
+
+def test_sink_is_each_rows_first_position_zero():
+    left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])  # padded slots get position 1
+    assert fh.sink_mask(left_padded).tolist() == [[False, False, True, False, False],
+                                                  [True, False, False, False, False]]
+    # M-RoPE [3, B, T]: an opening image's tokens share temporal position 0; only the first is the sink
+    mrope = torch.tensor([[[0, 0, 0, 1, 2]], [[0, 0, 1, 2, 3]], [[0, 1, 0, 2, 3]]])
+    assert fh.sink_mask(mrope).tolist() == [[True, False, False, False, False]]
+
+
+def test_fitted_graphs_use_only_tensorrt_supported_ops(fitted_export):
+    out, manifest, _ = fitted_export
+    for name, graph in manifest["graphs"].items():
+        assert to_tensorrt.unsupported(out / graph["file"]) == [], name
 
 
 def test_fitted_export_manifest_and_verification(fitted_export):
