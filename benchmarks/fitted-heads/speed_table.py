@@ -1,0 +1,46 @@
+"""Prints the README's speed table from the pop-bench JSON files in bench/.
+
+Each model, depth and kind of head was timed in three rounds (bench/NAME.json,
+then bench/repeats/NAME-round1.json and -round2.json), original and fitted back
+to back within a round, so a round's pair shares the machine's state.
+
+    python benchmarks/fitted-heads/speed_table.py
+"""
+import json
+import statistics
+from pathlib import Path
+
+BENCH = Path(__file__).with_name("bench")
+MODELS = {"smollm2-135m": 30, "gemma3-270m": 18}
+RATIOS = {"0.25": "1/4", "0.33": "1/3", "0.5": "1/2"}
+
+
+def rounds(name):
+    files = [BENCH / f"{name}.json"] + [BENCH / "repeats" / f"{name}-round{i}.json" for i in (1, 2)]
+    out = []
+    for f in files:
+        doc = json.loads(f.read_text())
+        r = doc["results"][0]
+        out.append({"k": doc["pop"]["prefill_layers"], "expected": r["expected_speedup"],
+                    "speedup": r["speedup"]["median"], "prefill": r["graphs_ms"]["prefill"]["median"],
+                    "pop": r["pop_ttft_ms"]["median"], "full": r["full_ttft_ms"]["median"]})
+    return out
+
+
+def main():
+    print("| model | K (pruned) | expected (FLOPs) | speedup, original (3 rounds) | speedup, fitted (3 rounds) "
+          "| prefill ms, original / fitted (medians) | fitted prefill vs original, per round |")
+    print("|---|---|---|---|---|---|---|")
+    for model, layers in MODELS.items():
+        for ratio, frac in RATIOS.items():
+            o, f = rounds(f"{model}-r{ratio}"), rounds(f"{model}-r{ratio}-fitted")
+            k = o[0]["k"]
+            med = lambda rows, key: statistics.median(x[key] for x in rows)
+            speeds = lambda rows: " ".join(f"{x['speedup']:.2f}" for x in rows) + f" (**{med(rows, 'speedup'):.2f}**)"
+            delta = " ".join(f"{100 * (b['prefill'] / a['prefill'] - 1):+.1f}%" for a, b in zip(o, f))
+            print(f"| {model} | {k} ({layers - k}/{layers}, {frac}) | {o[0]['expected']:.2f} | {speeds(o)} | {speeds(f)} "
+                  f"| {med(o, 'prefill'):.0f} / {med(f, 'prefill'):.0f} | {delta} |")
+
+
+if __name__ == "__main__":
+    main()
