@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 BENCH = Path(__file__).with_name("bench")
-MODELS = {"smollm2-135m": 30, "gemma3-270m": 18}
+MODELS = ("smollm2-135m", "gemma3-270m")
 RATIOS = {"0.25": "1/4", "0.33": "1/3", "0.5": "1/2"}
 
 
@@ -21,9 +21,9 @@ def rounds(name):
     for f in files:
         doc = json.loads(f.read_text())
         r = doc["results"][0]
-        out.append({"k": doc["pop"]["prefill_layers"], "expected": r["expected_speedup"],
-                    "speedup": r["speedup"]["median"], "prefill": r["graphs_ms"]["prefill"]["median"],
-                    "pop": r["pop_ttft_ms"]["median"], "full": r["full_ttft_ms"]["median"]})
+        out.append({"k": doc["pop"]["prefill_layers"], "layers": doc["pop"]["num_layers"],
+                    "expected": r["expected_speedup"], "speedup": r["speedup"]["median"],
+                    "prefill": r["graphs_ms"]["prefill"]["median"], "full": r["full_ttft_ms"]["median"]})
     return out
 
 
@@ -32,10 +32,10 @@ def main():
           "| prefill ms, original / fitted (medians) | fitted vs original, per round: prefill "
           "| the same for full-mode TTFT (identical graphs: drift) |")
     print("|---|---|---|---|---|---|---|---|")
-    for model, layers in MODELS.items():
+    for model in MODELS:
         for ratio, frac in RATIOS.items():
             o, f = rounds(f"{model}-r{ratio}"), rounds(f"{model}-r{ratio}-fitted")
-            k = o[0]["k"]
+            k, layers = o[0]["k"], o[0]["layers"]
             med = lambda rows, key: statistics.median(x[key] for x in rows)
             speeds = lambda rows: " ".join(f"{x['speedup']:.2f}" for x in rows) + f" (**{med(rows, 'speedup'):.2f}**)"
             delta = lambda key: " ".join(f"{100 * (b[key] / a[key] - 1):+.1f}%" for a, b in zip(o, f))
