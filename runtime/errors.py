@@ -12,24 +12,28 @@ def run_command(prog, body):
     """Run body() for a console script: PopError -> one line, exit 2; Ctrl-C -> exit 130.
 
     Unexpected exceptions also get one line (the traceback with POP_DEBUG=1).
-    Ctrl-C is remembered, because libraries such as torch.onnx re-wrap the
-    KeyboardInterrupt they receive into their own exception types.
+    Ctrl-C is remembered, because libraries such as torch.onnx and onnxruntime
+    re-wrap the KeyboardInterrupt they receive into their own exception types,
+    which our guards may turn into a PopError in turn.
     """
     interrupted = []
 
     def on_sigint(signum, frame):
         interrupted.append(True)
         raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         return body() or 0
-    except PopError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
     except BaseException as e:  # noqa: BLE001 - the last line of defence of a CLI
+        # Checked before PopError: a Ctrl-C inside a guarded import (onnxruntime's
+        # C extension turns it into "ImportError: initialization failed") must not
+        # read as a missing dependency.
         if interrupted or isinstance(e, KeyboardInterrupt):
             print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
             return 130
+        if isinstance(e, PopError):
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, SystemExit):
             raise
         if os.environ.get("POP_DEBUG"):
@@ -37,3 +41,5 @@ def run_command(prog, body):
         print(f"{prog}: failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
               f"(set POP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)

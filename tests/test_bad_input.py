@@ -1,5 +1,6 @@
 """Every user error: one line on stderr, a non-zero exit, and no half-written output."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from conftest import BIN, cli
+from pop.runtime.errors import PopError, run_command
 
 
 def assert_one_line_error(run, *needles):
@@ -120,6 +122,29 @@ def test_interrupted_export_leaves_nothing_complete(tmp_path):
     assert proc.returncode != 0 and "interrupted" in err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+def test_ctrl_c_wins_over_the_error_a_library_makes_of_it(capsys):
+    # The timing the test above hits by chance: SIGINT during `import onnxruntime`
+    # comes back as ImportError("initialization failed"), which our import guard
+    # turns into "ONNX Runtime is not installed".
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise PopError("ONNX Runtime is not installed (initialization failed)") from None
+        raise AssertionError("SIGINT was not delivered")
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run_command("pop-test", body) == 130
+    assert capsys.readouterr().err.strip() == "pop-test: interrupted; nothing was written"
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def fails():
+        raise PopError("no such model")
+    assert run_command("pop-test", fails) == 2
+    assert capsys.readouterr().err.strip() == "pop-test: error: no such model"
 
 
 def test_killed_export_leaves_no_complete_looking_folder(tmp_path):
