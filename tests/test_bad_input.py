@@ -124,6 +124,23 @@ def test_interrupted_export_leaves_nothing_complete(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
 
 
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    # The first seconds of every command go to importing torch, before the
+    # command's own code runs; Ctrl-C there must not end in a traceback.
+    proc = subprocess.Popen([str(BIN / "pop-export"), "--model", "tiny-gemma3", "--out", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and "libtorch" not in open(maps).read():
+        time.sleep(0.01)
+    assert proc.poll() is None, "pop-export ended before torch was loaded"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == "pop-export: interrupted; nothing was written", err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_wins_over_the_error_a_library_makes_of_it(capsys):
     # The timing the test above hits by chance: SIGINT during `import onnxruntime`
     # comes back as ImportError("initialization failed"), which our import guard
