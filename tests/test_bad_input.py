@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -129,9 +130,9 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     # command's own code runs; Ctrl-C there must not end in a traceback.
     proc = subprocess.Popen([str(BIN / "pop-export"), "--model", "tiny-gemma3", "--out", str(tmp_path / "o")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    maps = f"/proc/{proc.pid}/maps"
+    maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and "libtorch" not in open(maps).read():
+    while time.time() < deadline and proc.poll() is None and "libtorch" not in maps.read_text():
         time.sleep(0.01)
     assert proc.poll() is None, "pop-export ended before torch was loaded"
     proc.send_signal(signal.SIGINT)
@@ -142,9 +143,9 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
 
 
 def test_ctrl_c_wins_over_the_error_a_library_makes_of_it(capsys):
-    # The timing the test above hits by chance: SIGINT during `import onnxruntime`
-    # comes back as ImportError("initialization failed"), which our import guard
-    # turns into "ONNX Runtime is not installed".
+    # The timing test_interrupted_export_leaves_nothing_complete can hit by chance:
+    # SIGINT during `import onnxruntime` comes back as ImportError("initialization
+    # failed"), which our import guard turns into "ONNX Runtime is not installed".
     def body():
         try:
             os.kill(os.getpid(), signal.SIGINT)
