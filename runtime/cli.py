@@ -82,10 +82,15 @@ def _generate(args):
                           "prefill_layers": session.manifest["pop"]["prefill_layers"],
                           "num_layers": session.manifest["pop"]["num_layers"], **g.timings_ms}))
     else:
+        pieces = session.stream(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos,
+                                images=images)
+        # the generator checks the prompt only when it starts: take the first piece
+        # before echoing, so a rejected prompt prints nothing to stdout
+        first = next(pieces, "")
         if args.prompt is not None and prompt == args.prompt:
             print(args.prompt, end="", flush=True)
-        for piece in session.stream(prompt, max_new, args.mode, sampler, stop_at_eos=not args.ignore_eos,
-                                    images=images):
+        print(first, end="", flush=True)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
 

@@ -57,6 +57,10 @@ def test_prompt_too_long(artifacts):
     ids = ",".join(["65"] * (limit + 1))
     run = cli("pop-generate", artifacts, "--prompt-ids", ids)
     assert_one_line_error(run, f"prompt has {limit + 1} tokens", f"at most {limit}")
+    # a text prompt is echoed while streaming, but never one that is refused
+    run = cli("pop-generate", artifacts, "--prompt", "word " * (limit + 1))
+    assert_one_line_error(run, "tokens; these artifacts hold", f"at most {limit}")
+    assert run.stdout == ""
 
 
 def test_token_outside_vocabulary(artifacts):
