@@ -1,0 +1,61 @@
+"""pop-export: export a model as POP graphs plus a manifest."""
+import argparse
+import os
+import shlex
+import sys
+
+from pop.exporter.export import export
+from pop.exporter.formats import FORMATS
+from pop.exporter.options import DTYPES, ExportOptions
+from pop.exporter.sources import preset_names
+
+from .console import progress_printer
+from .options import add_fitted_heads
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="pop-export", description="Export a model as a shallow POP prefill graph, a full decode graph, "
+                                       "one shared weights file, its tokenizer and pop_manifest.json.")
+    p.add_argument("--model", required=True,
+                   help=f"a preset ({', '.join(preset_names())}), a local HF folder, a .gguf file, "
+                        "or a hub id already in the local HF cache")
+    p.add_argument("--out", help="output folder (default: artifacts/<model>-<format>-pop)")
+    p.add_argument("--format", default=None, choices=list(FORMATS),
+                   help="artifact format: onnx (ONNX Runtime, default), trt (ONNX plus TensorRT engines) or "
+                        "aoti (AOTInductor packages)")
+    # the flag's name before artifact formats and execution backends got names of their own
+    p.add_argument("--backend", dest="legacy_format", choices=list(FORMATS), help=argparse.SUPPRESS)
+    k = p.add_mutually_exclusive_group()
+    k.add_argument("--prefill-layers", type=int, metavar="K", help="layers prefill runs (L = no pruning)")
+    k.add_argument("--prune-ratio", type=float, metavar="R",
+                   help="fraction of layers, from the top, that prefill skips (default 1/3, rounded down)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens the KV buffer holds "
+                                                                "(default min(4096, the model's limit))")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads for verification")
+    p.add_argument("--skip-verify", action="store_true", help="do not compare the graphs with PyTorch")
+    add_fitted_heads(p)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    if args.format and args.legacy_format and args.format != args.legacy_format:
+        parser().error("--backend is the old name of --format: give one")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    options = ExportOptions(
+        model=args.model, out=args.out, format=args.format or args.legacy_format or "onnx",
+        prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
+        max_seq_len=args.max_seq_len, max_batch=args.max_batch, threads=args.threads, skip_verify=args.skip_verify,
+        kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
+        command=shlex.join(["pop-export", *argv]))
+    export(options, progress_printer("pop-export"))
+    return 0
+
+
+if __name__ == "__main__":
+    from .console import run_command
+    sys.exit(run_command("pop-export", main))

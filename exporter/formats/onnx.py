@@ -1,0 +1,118 @@
+"""Trace the POP graphs (and a VLM's vision graph) with torch.onnx (dynamo) and store their weights once.
+
+Both graphs are traced with dynamic batch, sequence and past axes.  The
+exporter's optimizer folds constants (transposed Linear weights, for example)
+into new initializers with different names in each graph, so weights are
+shared by content: every distinct tensor is written once into weights.bin, and
+both graphs point at the same bytes through standard ONNX external data.
+"""
+import hashlib
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from pop.runtime.manifest import Graph, TensorSpec, Weights
+
+from .plan import ROLES, GraphPlan, plans
+
+OPSET = 21  # 18..21 work; at 23 a fused RotaryEmbedding breaks ORT for batch > 1
+WEIGHTS = "weights.bin"
+ALIGN = 64
+INLINE_BELOW = 1024  # bytes; tiny constants stay inside the graph files
+
+
+def _quiet_tracer():
+    import logging
+    # the exporter lists every torchvision op it cannot register; pop uses none
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _export(plan: GraphPlan):
+    return torch.onnx.export(plan.module.eval(), tuple(plan.args), input_names=list(plan.input_names),
+                             output_names=list(plan.output_names), dynamic_shapes=tuple(plan.dynamic_shapes),
+                             dynamo=True, opset_version=OPSET, optimize=True, verbose=False).model
+
+
+def trace(adapter, prefill_layers, max_seq_len, dtype, progress=print, heads=None):
+    """Returns {graph name: onnx_ir.Model}: prefill and decode, and vision for VLMs.
+    heads: fitted KV heads for the prefill graph (exporter/fitted_heads.py), or None."""
+    graphs = {}
+    _quiet_tracer()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        for plan in plans(adapter, prefill_layers, max_seq_len, dtype, heads):
+            progress(f"tracing the {plan.name} graph ({plan.what})")
+            graphs[plan.name] = _export(plan)
+    return graphs
+
+
+def save_shared(graphs: dict, out_dir: Path) -> dict:
+    """Write weights.bin once for all graphs, then each graph's .onnx file.
+
+    Returns {"stored_bytes", "referenced_bytes", "unique_tensors"} for the manifest.
+    """
+    by_digest, stored, referenced = {}, 0, 0
+    with open(out_dir / WEIGHTS, "wb") as f:
+        for model in graphs.values():
+            for name, value in list(model.graph.initializers.items()):
+                array = value.const_value.numpy()
+                raw = np.ascontiguousarray(array).tobytes()
+                if len(raw) < INLINE_BELOW:
+                    continue
+                referenced += len(raw)
+                key = hashlib.sha1(raw).hexdigest() + str(array.dtype) + str(array.shape)
+                if key not in by_digest:
+                    pad = -f.tell() % ALIGN
+                    f.write(b"\0" * pad)
+                    by_digest[key] = f.tell()
+                    f.write(raw)
+                    stored += len(raw)
+                value.const_value = ir.ExternalTensor(
+                    WEIGHTS, by_digest[key], len(raw), value.const_value.dtype,
+                    shape=value.const_value.shape, name=name, base_dir=out_dir)
+    for graph_name, model in graphs.items():
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            node.metadata_props.clear()  # the tracer's per-node debug notes: most of the file, no use to runtimes
+        ir.save(model, out_dir / f"{graph_name}.onnx")
+    return {"stored_bytes": stored, "referenced_bytes": referenced, "unique_tensors": len(by_digest)}
+
+
+def describe(path: Path, role: str) -> Graph:
+    """The manifest's entry for a saved graph: names, dtypes and symbolic shapes of its IO."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+
+    def one(v):
+        t = v.type.tensor_type
+        return TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                          [d.dim_param or d.dim_value for d in t.shape.dim])
+    return Graph(path.name, "onnx", OPSET, inputs=[one(v) for v in model.graph.input],
+                 outputs=[one(v) for v in model.graph.output], role=role)
+
+
+class OnnxFormat:
+    """ONNX graphs (torch.onnx, dynamo) over one weights.bin, run by ONNX Runtime."""
+    name = "onnx"
+
+    def check(self, adapter):
+        pass  # every family exports to ONNX
+
+    def write(self, job):
+        """Traces the graphs into job.directory; returns ({name: Graph}, Weights, trace seconds)."""
+        t = time.perf_counter()
+        graphs = trace(job.adapter, job.prefill_layers, job.max_seq_len, job.hf.dtype, job.progress, job.heads)
+        trace_s = time.perf_counter() - t
+        job.progress("writing one shared weights file for both graphs")
+        stored = save_shared(graphs, job.directory)
+        specs = {name: describe(job.directory / f"{name}.onnx", ROLES[name]) for name in graphs}
+        weights = Weights(WEIGHTS, (job.directory / WEIGHTS).stat().st_size, stored["unique_tensors"],
+                          stored["referenced_bytes"], stored["stored_bytes"])
+        return specs, weights, trace_s
+
+    def finish(self, job, manifest):
+        """Nothing beyond the graphs: ({} engines, no deferred error)."""
+        return {}, None
