@@ -23,6 +23,7 @@ attention dominates and the ratio tends to L/K (`limit`).
 from dataclasses import dataclass
 
 from pop.runtime.errors import PopError
+from pop.runtime.manifest import Encoder
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,13 @@ class Shapes:
 
     @classmethod
     def from_manifest(cls, manifest):
-        model, kv = manifest["model"], manifest["kv_cache"]["layers"]
-        if "intermediate_size" not in model:
+        model, kv = manifest.model, manifest.kv_cache.layers
+        if model.intermediate_size is None:
             raise PopError("this manifest predates the cost model (no model.intermediate_size): re-export with pop-export")
-        if len({(l["kv_heads"], l["head_dim"]) for l in kv}) != 1:
+        if len({(l.kv_heads, l.head_dim) for l in kv}) != 1:
             raise PopError("the cost model assumes every layer has the same KV shape")
-        return cls(model["hidden_size"], model["num_attention_heads"], kv[0]["kv_heads"], kv[0]["head_dim"],
-                   model["intermediate_size"], model["vocab_size"], len(kv), manifest["pop"]["prefill_layers"])
+        return cls(model.hidden_size, model.num_attention_heads, kv[0].kv_heads, kv[0].head_dim,
+                   model.intermediate_size, model.vocab_size, len(kv), manifest.pop.prefill_layers)
 
 
 def layer_linear(s: Shapes) -> int:
@@ -102,18 +103,18 @@ def limit(s: Shapes) -> float:
 # (Qwen3-VL, DeepStack mergers included); a projector h -> H per soft token
 # otherwise (Gemma-3, after pooling).
 
-def vision(encoder: dict, patches_per_image: list) -> int:
+def vision(encoder: Encoder, patches_per_image: list) -> int:
     """FLOPs of the vision tower over the images of one request."""
-    h, i, layers = encoder["hidden"], encoder["intermediate"], encoder["layers"]
+    h, i, layers = encoder.hidden, encoder.intermediate, encoder.layers
     patches = sum(patches_per_image)
     blocks = layers * (patches * (8 * h * h + 4 * h * i) + sum(4 * h * p * p for p in patches_per_image))
-    embed = patches * 2 * encoder["patch_dim"] * h
-    if encoder["merge"] > 1:
-        width, tokens = encoder["merge"] * h, patches // encoder["merge"]
-        heads = encoder["mergers"] * tokens * 2 * (width * width + width * encoder["out_hidden"])
+    embed = patches * 2 * encoder.patch_dim * h
+    if encoder.merge > 1:
+        width, tokens = encoder.merge * h, patches // encoder.merge
+        heads = encoder.mergers * tokens * 2 * (width * width + width * encoder.out_hidden)
     else:
-        tokens = len(patches_per_image) * encoder.get("tokens_per_image", 0)
-        heads = tokens * 2 * h * encoder["out_hidden"]
+        tokens = len(patches_per_image) * (encoder.tokens_per_image or 0)
+        heads = tokens * 2 * h * encoder.out_hidden
     return blocks + embed + heads
 
 

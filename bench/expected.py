@@ -8,6 +8,7 @@ third of the layers, rounded down (K = 24 of 36).
 """
 import sys
 
+from pop.runtime.manifest import Encoder
 from pop.runtime.vision.qwen3_vl import smart_resize
 
 from . import cost
@@ -15,8 +16,8 @@ from . import cost
 QWEN3_VL_8B = {
     "text": cost.Shapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=12288, vocab=151936,
                         layers=36, keep=24),
-    "vision": {"layers": 27, "hidden": 1152, "intermediate": 4304, "patch_dim": 2 * 3 * 16 * 16, "merge": 4,
-               "mergers": 4, "out_hidden": 4096},  # the merger and 3 DeepStack mergers
+    "vision": Encoder(layers=27, hidden=1152, intermediate=4304, patch_dim=2 * 3 * 16 * 16, merge=4,
+                      mergers=4, out_hidden=4096),  # the merger and 3 DeepStack mergers
     "patch": 16, "merge": 2, "min_pixels": 65536, "max_pixels": 16777216,
 }
 SIZES = ((640, 480), (1280, 720), (1920, 1080), (2560, 1440))

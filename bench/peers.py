@@ -29,7 +29,7 @@ PEER_SCRIPT = Path(__file__).with_name("optimum_peer.py")
 
 def model_spec(manifest):
     """(spec for pop.exporter.sources.load, HF folder or None) of the weights the artifacts came from."""
-    src = manifest["model"]["source"]
+    src = manifest.model.source
     if src["kind"] == "tiny":
         return src["id"], None
     if src["kind"] == "gguf":
@@ -64,7 +64,7 @@ class HFEager:
         progress(f"hf-eager: loading {spec}")
         self.model = sources.load(spec, "float32", progress).model
         self.model.set_attn_implementation("eager")
-        self.pad = manifest["tokenizer"]["pad_id"]
+        self.pad = manifest.tokenizer.pad_id
         self.versions = {"transformers": __import__("transformers").__version__, "torch": torch.__version__}
 
     def measure(self, ids, new_tokens, runs, warmup, tick=lambda: None):

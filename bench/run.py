@@ -249,6 +249,3 @@ def _atomic(path: Path, write):
     finally:
         tmp.unlink(missing_ok=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 
-from pop.runtime.backends import graph_format
 from pop.runtime.errors import PopError
 
 from .measure import measure_runtime, stat
@@ -58,8 +57,8 @@ class CppRuntime:
 
     def __init__(self, artifacts, manifest, threads):
         from pop.runtime.native import NativeSession, library
-        if graph_format(manifest) != "aoti":
-            raise PopError("the C++ peer runs AOTI artifacts (pop-export --backend aoti); this libpop has no ONNX "
+        if manifest.graph_format != "aoti":
+            raise PopError("the C++ peer runs AOTI artifacts (pop-export --format aoti); this libpop has no ONNX "
                            "Runtime backend")
         self.lib = library()
         self.artifacts, self.threads = artifacts, threads
@@ -96,14 +95,14 @@ class OtherBackend:
     name = NAMES["other"]
 
     def __init__(self, artifacts, manifest, threads):
-        from pop.runtime import manifest as manifest_io
+        from pop.runtime.manifest import Manifest
         from pop.runtime.session import PopSession
         if not artifacts:
             raise PopError("the other-backend peer needs --other-artifacts DIR: the same model exported with the "
-                           "other backend (pop-export --backend onnx or aoti)")
-        other = manifest_io.load(artifacts)
-        if other["model"]["name"] != manifest["model"]["name"]:
-            raise PopError(f"--other-artifacts holds {other['model']['name']}, not {manifest['model']['name']}")
+                           "other format (pop-export --format onnx or aoti)")
+        other = Manifest.load(artifacts)
+        if other.model.name != manifest.model.name:
+            raise PopError(f"--other-artifacts holds {other.model.name}, not {manifest.model.name}")
         self.session = PopSession.load(artifacts, threads=threads)
         self.versions = {"backend": self.session.backend.name}
 

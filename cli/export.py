@@ -40,19 +40,23 @@ def parser():
     return p
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
+def options(argv) -> ExportOptions:
+    p = parser()
+    args = p.parse_args(argv)
     if args.format and args.legacy_format and args.format != args.legacy_format:
-        parser().error("--backend is the old name of --format: give one")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    options = ExportOptions(
+        p.error("--backend is the old name of --format: give one")
+    return ExportOptions(
         model=args.model, out=args.out, format=args.format or args.legacy_format or "onnx",
         prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
         max_seq_len=args.max_seq_len, max_batch=args.max_batch, threads=args.threads, skip_verify=args.skip_verify,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
         command=shlex.join(["pop-export", *argv]))
-    export(options, progress_printer("pop-export"))
+
+
+def main(argv=None):
+    chosen = options(sys.argv[1:] if argv is None else list(argv))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    export(chosen, progress_printer("pop-export"))
     return 0
 
 

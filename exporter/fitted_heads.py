@@ -31,10 +31,15 @@ from tqdm import tqdm
 
 from pop.runtime.errors import PopError
 
+from .sources import read_text
+
 KINDS = ("key", "value")
 RIDGE_GRID = tuple(10.0 ** e for e in range(-6, 4))  # relative strengths `auto` tries, and inf
 DEFAULT_TOKENS = 65536
 CHUNK = 256  # tokens per calibration sequence: long enough for real attention context, short enough to batch
+# Relative squared error of the original head below which float32 rounding of the targets explains it all
+# ((1e-7 relative per value)^2 is 1e-14; a margin of 1e4 above that)
+ROUNDING = 1e-10
 HELD_OUT_EVERY = 10  # every 10th calibration sequence (at least one) is held out to choose the ridge strength
 
 
@@ -53,7 +58,6 @@ def parse_ridge(value):
 
 def check_options(kv_heads, calib, calib_tokens, ridge):
     """One-line errors for bad options, before any model loads.  Returns the calibration (text, sha256) or None."""
-    from pop.quality.data import read_text
     if kv_heads not in ("original", "fitted"):
         raise PopError(f"--kv-heads must be original or fitted, got {kv_heads!r}")
     if kv_heads == "original":
@@ -114,18 +118,9 @@ class Stats:
         self.tokens[split] += z.shape[0]
 
 
-def sink_mask(position_ids):
-    """[B, T] bool, true at each row's first position-0 token: the attention sink, which
-    collect() leaves out and the graphs and references project with the layer's own
-    matrices. Only the first: under M-RoPE ([3, B, T]) the tokens of an image that
-    opens the prompt share temporal position 0 too, and are ordinary tokens."""
-    zero = (position_ids if position_ids.dim() == 2 else position_ids[0]) == 0
-    return zero & (zero.cumsum(-1) == 1)
-
-
 @torch.no_grad()
-def collect(adapter, chunks, keeps, progress=True):
-    """{(K, l, kind): Stats} for every K in keeps and every layer l >= K, from one full-model pass per chunk.
+def collect(adapter, chunks, ks, progress=True):
+    """{(K, l, kind): Stats} for every K in ks and every layer l >= K, from one full-model pass per chunk.
 
     The first position of each sequence is left out: its hidden states are the
     model's attention sink, orders of magnitude larger than any other token's,
@@ -135,7 +130,7 @@ def collect(adapter, chunks, keeps, progress=True):
     undo its gain (SmolLM2-135M, K=20: first-token KL 0.53 against POP's 0.20;
     0.05 with the sink left alone).
     """
-    keeps = sorted(set(keeps))
+    ks = sorted(set(ks))
     stats = {}
     held = set(range(HELD_OUT_EVERY - 1, len(chunks), HELD_OUT_EVERY)) or {len(chunks) - 1}
     bar = tqdm(total=len(chunks), desc="fitted heads: calibration", unit="seq", file=sys.stderr,
@@ -145,19 +140,19 @@ def collect(adapter, chunks, keeps, progress=True):
         ids = torch.tensor([chunk])
         # hidden_states[l] is the input of layer l for l < L (the last entry is after the final norm)
         hs = adapter.body(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-        for l in range(min(keeps), adapter.num_layers):
+        for l in range(min(ks), adapter.num_layers):
             projs = _projections(adapter, l)
             target_in = adapter.attn_norm(l, hs[l])[0, 1:]
             targets = {kind: proj(target_in).double() for kind, proj in projs.items()}
-            for keep in (k for k in keeps if k <= l):
-                z_in = adapter.attn_norm(l, hs[keep])[0, 1:].double()
+            for k in (k for k in ks if k <= l):
+                z_in = adapter.attn_norm(l, hs[k])[0, 1:].double()
                 grams = {}  # K and V share their input: one Z^T Z for both when both or neither have a bias
                 for kind, proj in projs.items():
                     has_bias = proj.bias is not None
                     z = _augment(z_in, has_bias)
                     if has_bias not in grams:
                         grams[has_bias] = z.T @ z
-                    key = (keep, l, kind)
+                    key = (k, l, kind)
                     if key not in stats:
                         stats[key] = Stats(z.shape[1], targets[kind].shape[1])
                     stats[key].add(split, z, targets[kind], grams[has_bias])
@@ -195,6 +190,10 @@ def fit_one(st: Stats, w, ridge="auto"):
     candidates = (*RIDGE_GRID, math.inf) if ridge == "auto" else (ridge,)
     errors = {r: squared_error(*held, solve(zz, zy, w, r * scale(zz))) / held[2] for r in candidates}
     chosen = min(errors, key=lambda r: (errors[r], -r))  # ties go to the stronger pull toward W
+    if math.inf in errors and errors[math.inf] <= ROUNDING:
+        # The original head is already exact up to float32 rounding (the layer right after K, whose
+        # input is its own): a "gain" there is noise, so the original matrix stays, bit-exact.
+        chosen = math.inf
     zz_all, zy_all = zz + st.zz["held"], zy + st.zy["held"]
     fitted = solve(zz_all, zy_all, w, chosen * scale(zz_all))
     original = squared_error(*held, w) / held[2]
@@ -209,9 +208,9 @@ class FittedHeads(nn.Module):
     has no entry: proj() returns None and the graph uses the layer's own module.
     """
 
-    def __init__(self, keep):
+    def __init__(self, prefill_layers):
         super().__init__()
-        self.keep = keep
+        self.prefill_layers = prefill_layers
         self.heads = nn.ModuleDict()
         self.layers = []  # per pruned layer: {"index", "key": report, "value": report}
 
@@ -238,15 +237,15 @@ class FittedHeads(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def fit(adapter, stats, keep, ridge="auto"):
-    """FittedHeads for K = keep from collect()'s statistics."""
+def fit(adapter, stats, k, ridge="auto"):
+    """FittedHeads for K = k from collect()'s statistics."""
     ridge = parse_ridge(ridge)
-    heads = FittedHeads(keep)
-    for l in range(keep, adapter.num_layers):
+    heads = FittedHeads(k)
+    for l in range(k, adapter.num_layers):
         row = {"index": l}
         for kind, proj in _projections(adapter, l).items():
             w = _original(proj)
-            fitted, report = fit_one(stats[keep, l, kind], w, ridge)
+            fitted, report = fit_one(stats[k, l, kind], w, ridge)
             if report["ridge"] != "inf":
                 heads.add(kind, l, proj, fitted)
             row[kind] = report
@@ -254,31 +253,30 @@ def fit(adapter, stats, keep, ridge="auto"):
     return heads
 
 
-def calibrate(adapter, tokenizer, text, keeps, tokens=DEFAULT_TOKENS, ridge="auto", bos_id=None,
+def calibrate(adapter, tokenizer, text, ks, tokens=DEFAULT_TOKENS, ridge="auto", bos_id=None,
               path="calibration text", progress=True):
-    """{K: FittedHeads} for every K in keeps, from one calibration pass; each carries .calibration for records."""
+    """{K: FittedHeads} for every K in ks, from one calibration pass; each carries .calibration for records."""
     chunks = calibration_chunks(text, tokenizer, tokens, bos_id, path)
-    stats = collect(adapter, chunks, keeps, progress)
+    stats = collect(adapter, chunks, ks, progress)
     out = {}
-    for keep in sorted(set(keeps)):
-        if keep >= adapter.num_layers:
+    for k in sorted(set(ks)):
+        if k >= adapter.num_layers:
             continue  # nothing is pruned, nothing to fit
-        heads = fit(adapter, stats, keep, ridge)
-        any_key = stats[keep, keep, KINDS[0]]
+        heads = fit(adapter, stats, k, ridge)
+        any_key = stats[k, k, KINDS[0]]
         heads.calibration = {"tokens": any_key.tokens["fit"] + any_key.tokens["held"],
                              "heldout_tokens": any_key.tokens["held"], "sequences": len(chunks),
                              "sequence_len": CHUNK, "ridge": ridge if ridge == "auto" else float(ridge)}
-        out[keep] = heads
+        out[k] = heads
     return out
 
 
 def manifest_section(heads, calib_path, calib_sha256, model_params):
     """The manifest's optional "kv_heads" section for fitted heads (docs/MANIFEST.md)."""
-    return {"kind": "fitted", "graph": "prefill",
-            "method": "ridge regression toward the layer's own W_k, W_v: W' norm_l(h) predicts W norm_l(x_l); "
-                      "k-norm and RoPE unchanged (pop.exporter.fitted_heads)",
-            "calibration": {"file": str(calib_path), "sha256": calib_sha256, **heads.calibration},
-            "fitted_parameters": heads.parameter_count(),
-            "fitted_parameters_share_of_model": heads.parameter_count() / max(model_params, 1),
-            "layers": heads.layers}
+    from pop.runtime.manifest import KVHeads
+    return KVHeads("fitted", "prefill",
+                   "ridge regression toward the layer's own W_k, W_v: W' norm_l(h) predicts W norm_l(x_l); "
+                   "k-norm and RoPE unchanged (pop.exporter.fitted_heads)",
+                   {"file": str(calib_path), "sha256": calib_sha256, **heads.calibration},
+                   heads.parameter_count(), heads.parameter_count() / max(model_params, 1), heads.layers)
 

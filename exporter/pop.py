@@ -18,7 +18,18 @@ import torch
 from torch import nn
 
 from .families.llama import apply_rope
-from .fitted_heads import sink_mask
+
+
+def sink_mask(position_ids):
+    """[B, T] bool, true at each row's first position-0 token: the attention sink.
+
+    The one definition, used by the graphs, the references, pop-eval's methods and
+    the fit (exporter/fitted_heads.py), which leaves the sink out of its data, so
+    that fitted heads keep the layer's own matrices there.  Only the first: under
+    M-RoPE ([3, B, T]) the tokens of an image that opens the prompt share
+    temporal position 0 too, and are ordinary tokens."""
+    zero = (position_ids if position_ids.dim() == 2 else position_ids[0]) == 0
+    return zero & (zero.cumsum(-1) == 1)
 
 
 def key_mask(attention_mask, past_len, new_len, window, groups=None):
@@ -100,7 +111,11 @@ def _scatter(h, index, rows, add=False):
     return flat.index_copy(0, index, flat[index] + rows if add else rows).reshape(b, t, d)
 
 
-class _PopGraph(nn.Module):
+class PopGraph(nn.Module):
+    """The pieces every POP graph is made of, over one family adapter: embedding, rotary tables, masks,
+    a full decoder layer and a pruned layer's KV head.  PopPrefill and PopDecode trace them into graphs;
+    pop-eval and pop-analyze run them eagerly (quality/)."""
+
     def __init__(self, adapter):
         super().__init__()
         self.ad = adapter
@@ -112,22 +127,25 @@ class _PopGraph(nn.Module):
         n = len(self.extras)
         return dict(zip(self.extras, rest[:n])), rest[n:]
 
-    def _embed(self, input_ids, mm):
+    def embed(self, input_ids, mm=None):
         h = self.ad.embed(input_ids)
-        if "image_embeds" in mm:
+        if mm and "image_embeds" in mm:
             h = _scatter(h, mm["image_index"], mm["image_embeds"])
         return h
 
-    def _deepstack(self, l, h, mm):
+    def deepstack(self, l, h, mm):
         if l < self.ad.deepstack_layers:
             h = _scatter(h, mm["image_index"], mm["deepstack_embeds"][l], add=True)
         return h
 
-    def _ropes(self, position_ids, like):
+    def ropes(self, position_ids, like):
+        """{rope kind: (cos, sin)} for every kind of layer, computed once per graph."""
         kinds = {self.ad.rope_kind(l) for l in range(self.ad.num_layers)}
         return {kind: self.ad.rope(kind, position_ids, like) for kind in sorted(kinds)}
 
-    def _masks(self, attention_mask, past_len, new_len, mm):
+    def masks(self, attention_mask, past_len, new_len, mm=None):
+        """{sliding window (None: global): [B, 1, 1, T, P+T] bool} for every kind of layer."""
+        mm = mm or {}
         windows = {self.ad.sliding_window(l) for l in range(self.ad.num_layers)}
         return {w: key_mask(attention_mask, past_len, new_len, w, mm.get("token_groups")) for w in windows}
 
@@ -155,7 +173,7 @@ class _PopGraph(nn.Module):
 
         heads (exporter/fitted_heads.py), when given, replaces the layer's K/V
         matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's.
-        sink ([B, T, 1], 1.0 at each row's first token, fitted_heads.sink_mask) keeps the
+        sink ([B, T, 1], 1.0 at each row's first token, sink_mask) keeps the
         layer's own matrices for the attention sink, which the fit never saw
         (fitted_heads.collect)."""
         ad = self.ad
@@ -179,51 +197,52 @@ def seq_major(x):
     return x.transpose(0, 1)  # [B,T,H,D] -> [T,B,H,D]
 
 
-class PopPrefill(_PopGraph):
-    def __init__(self, adapter, keep_layers: int, heads=None):
+class PopPrefill(PopGraph):
+    def __init__(self, adapter, prefill_layers: int, heads=None):
         super().__init__(adapter)
         # fitted KV heads, registered so that they become this graph's initializers only
         self.heads = heads
-        if heads is not None and heads.keep != keep_layers:
-            raise ValueError(f"these fitted heads are for K={heads.keep}, not {keep_layers}")
-        if not 1 <= keep_layers <= adapter.num_layers:
-            raise ValueError(f"keep_layers must be in 1..{adapter.num_layers}, got {keep_layers}")
-        if keep_layers <= adapter.deepstack_layers:
+        if heads is not None and heads.prefill_layers != prefill_layers:
+            raise ValueError(f"these fitted heads are for K={heads.prefill_layers}, not {prefill_layers}")
+        if not 1 <= prefill_layers <= adapter.num_layers:
+            raise ValueError(f"prefill_layers must be in 1..{adapter.num_layers}, got {prefill_layers}")
+        if prefill_layers <= adapter.deepstack_layers:
             # the KV heads read h after layer K-1; every layer that takes visual input must run before it
-            raise ValueError(f"keep_layers must exceed the {adapter.deepstack_layers} DeepStack layers, got {keep_layers}")
-        self.keep = keep_layers
+            raise ValueError(f"prefill_layers must exceed the {adapter.deepstack_layers} DeepStack layers, "
+                             f"got {prefill_layers}")
+        self.prefill_layers = prefill_layers
 
     def forward(self, input_ids, position_ids, attention_mask, *extra):
         mm, _ = self._split(extra)
-        h = self._embed(input_ids, mm)
+        h = self.embed(input_ids, mm)
         b, t = input_ids.shape
-        rope = self._ropes(position_ids, h)
-        masks = self._masks(attention_mask, 0, t, mm)
+        rope = self.ropes(position_ids, h)
+        masks = self.masks(attention_mask, 0, t, mm)
         empty = h.new_zeros(0, b, self.ad.num_kv_heads, self.ad.head_dim)
         presents = []
-        for l in range(self.keep):
+        for l in range(self.prefill_layers):
             h, k, v = self.layer(l, h, rope, masks, empty, empty)
-            h = self._deepstack(l, h, mm)
+            h = self.deepstack(l, h, mm)
             presents += [seq_major(k), seq_major(v)]
         sink = None
         if self.heads is not None:
             sink = sink_mask(position_ids).to(h.dtype)[..., None]
-        for l in range(self.keep, self.ad.num_layers):
+        for l in range(self.prefill_layers, self.ad.num_layers):
             k, v = self.kv_head(l, h, rope, self.heads, sink)
             presents += [seq_major(k), seq_major(v)]
         return tuple(presents)
 
 
-class PopDecode(_PopGraph):
+class PopDecode(PopGraph):
     def forward(self, input_ids, position_ids, attention_mask, *rest):
         mm, past = self._split(rest)
-        h = self._embed(input_ids, mm)
+        h = self.embed(input_ids, mm)
         past_len = past[0].shape[0]
-        rope = self._ropes(position_ids, h)
-        masks = self._masks(attention_mask, past_len, input_ids.shape[1], mm)
+        rope = self.ropes(position_ids, h)
+        masks = self.masks(attention_mask, past_len, input_ids.shape[1], mm)
         presents = []
         for l in range(self.ad.num_layers):
             h, k, v = self.layer(l, h, rope, masks, past[2 * l], past[2 * l + 1])
-            h = self._deepstack(l, h, mm)
+            h = self.deepstack(l, h, mm)
             presents += [seq_major(k), seq_major(v)]
         return (self.ad.logits(h[:, -1]), *presents)

@@ -5,7 +5,7 @@ attention, with POP applied on top.  It shares no code with the traced graphs
 import torch
 from transformers import DynamicCache
 
-from .fitted_heads import sink_mask
+from .pop import sink_mask  # the one definition of the attention sink, shared on purpose
 
 
 def positions(attention_mask):
@@ -34,7 +34,7 @@ def _rotary(hf_model, layer_idx, h, position_ids):
     return body.rotary_emb(h, position_ids)
 
 
-def _kv_projection(hf_model, layer_idx, h, position_ids, heads=None):
+def kv_projection(hf_model, layer_idx, h, position_ids, heads=None):
     """k = RoPE(knorm(W_k norm(h))), v = W_v norm(h), as HF's attention module would.
 
     heads: fitted KV heads (exporter/fitted_heads.py); where one has a matrix for
@@ -86,7 +86,7 @@ def prefill(hf_model, input_ids, attention_mask, keep: int, pos=None, heads=None
     finally:
         hook.remove()
     for l in range(keep, num_layers):
-        k, v = _kv_projection(hf_model, l, captured["h"], pos, heads)
+        k, v = kv_projection(hf_model, l, captured["h"], pos, heads)
         stored = cache.layers[l].keys.shape[-2]  # sliding layers keep only their window
         cache.layers[l].keys = k[..., -stored:, :].contiguous()
         cache.layers[l].values = v[..., -stored:, :].contiguous()

@@ -5,7 +5,6 @@ already in the local HF cache.  GGUF files are dequantized once and cached as an
 HF directory, keyed by the file's sha256.
 """
 import hashlib
-import json
 import importlib.util
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 from pop.runtime.errors import PopError
 
 from . import tiny
+from .families import adapter_class
 
 # The paper's models, by family name; they work when the weights are in the HF cache.
 HUB_PRESETS = {
@@ -24,7 +24,6 @@ HUB_PRESETS = {
     "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
     "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct",
 }
-PACKAGE_PRESETS = ("gemma3-270m", "smollm2-135m")
 
 
 def preset_names() -> list[str]:
@@ -50,6 +49,21 @@ def bos_for(tokenizer):
 
 def cache_root() -> Path:
     return Path(os.environ.get("POP_CACHE", Path.home() / ".cache" / "pop"))
+
+
+def read_text(path) -> tuple[str, str]:
+    """(text, sha256) of a UTF-8 text file (calibration or evaluation data), with one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise PopError(f"data file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PopError(f"data file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise PopError(f"data file {path} is empty")
+    return text, hashlib.sha256(raw).hexdigest()
 
 
 def sha256_file(path, chunk=1 << 22) -> str:
@@ -79,41 +93,20 @@ def _smollm2_gguf() -> Path:
     return files[0]
 
 
+PACKAGE_PRESETS = {"gemma3-270m": _gemma3_270m_gguf, "smollm2-135m": _smollm2_gguf}  # preset: where its GGUF is
+
+
 def _from_dir(path, dtype, **kw):
     """(model, tokenizer, processor or None) from a local HF folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     if "gguf_file" not in kw and hasattr(AutoConfig.from_pretrained(path), "vision_config"):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-        processor = _vlm_processor(path, model.config)
+        processor = adapter_class(type(model).__name__).load_processor(path)
         return model, processor.tokenizer, processor
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kw).eval()
     tok = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kw.items() if k == "gguf_file"})
     return model, tok, None
-
-
-def _vlm_processor(path, config):
-    """The model's HF processor; for Qwen3-VL without its video half when that
-    cannot load (its video processor needs torchvision)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (ImportError, ValueError, AttributeError, OSError):
-        processor = None
-    if hasattr(processor, "image_processor"):
-        return processor
-    if config.model_type != "qwen3_vl":
-        raise PopError(f"{path}: its image processor cannot be loaded (preprocessor_config.json)")
-    from .families.qwen3_vl import image_only_processor
-    template = None
-    for name in ("chat_template.jinja", "chat_template.json"):
-        f = Path(path) / name
-        if f.is_file():
-            text = f.read_text()
-            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-            break
-    return image_only_processor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                                template)
 
 
 def _from_gguf(path: Path, dtype: str, progress=print):
@@ -158,7 +151,7 @@ def load(spec: str, dtype: str = "float32", progress=print) -> Loaded:
         return Loaded(spec, model.to(getattr(__import__("torch"), dtype)), tok, {"kind": "tiny", "id": spec, "seed": 0},
                       processor)
     if spec in PACKAGE_PRESETS:
-        gguf = _gemma3_270m_gguf() if spec == "gemma3-270m" else _smollm2_gguf()
+        gguf = PACKAGE_PRESETS[spec]()
         model, tok, src = _from_gguf(gguf, dtype, progress)
         return Loaded(spec, model, tok, {**src, "preset": spec})
     if spec in HUB_PRESETS:

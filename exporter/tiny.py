@@ -112,7 +112,7 @@ def _tiny_gemma3_vl():
 def build(name: str, seed: int = 0):
     """(model, tokenizer, processor); processor is None for text models."""
     if name in VLM_NAMES:
-        cls, config, processor = (_tiny_qwen3_vl if name == "tiny-qwen3-vl" else _tiny_gemma3_vl)()
+        cls, config, processor = {"tiny-qwen3-vl": _tiny_qwen3_vl, "tiny-gemma3-vl": _tiny_gemma3_vl}[name]()
     else:
         (cls, config), processor = _configs()[name], None
     torch.manual_seed(seed)

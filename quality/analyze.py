@@ -1,5 +1,4 @@
-"""pop-analyze: per-layer stage importance on the user's model and text."""
-import argparse
+"""pop-analyze: per-layer stage importance on the user's model and text.  Flags: pop.cli.analyze."""
 import hashlib
 import json
 import sys
@@ -10,9 +9,9 @@ import torch
 from tqdm import tqdm
 
 from pop.exporter import sources
-from pop.exporter.export import kept_layers
 from pop.exporter.families import adapter_for
-from pop.runtime.errors import PopError, run_command
+from pop.exporter.options import prefill_layers_for
+from pop.runtime.errors import PopError
 
 from . import data, importance
 
@@ -79,7 +78,7 @@ def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=3
         raise PopError(f"--kv-heads must be original or fitted, got {kv_heads!r}")
     if kv_heads == "fitted":
         fitted_heads.check_options("fitted", data_path, calib_tokens, ridge)
-    text, data_sha = data.read_text(data_path)
+    text, data_sha = sources.read_text(data_path)
     progress(f"loading {model}")
     loaded = sources.load(model, progress=progress)
     adapter = adapter_for(loaded.model)
@@ -102,7 +101,7 @@ def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=3
         "decode_normalized": [x / (sum(dec) or 1) for x in dec],
         "recommended_prefill_layers": importance.recommend(pre, budget),
         "rule": importance.RULE.format(budget=budget),
-        "default_prefill_layers": kept_layers(adapter.num_layers),
+        "default_prefill_layers": prefill_layers_for(adapter.num_layers),
         "seconds": time.perf_counter() - started,
     }
     if kv_heads == "fitted":
@@ -121,34 +120,3 @@ def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=3
     progress(f"recommended K = {report['recommended_prefill_layers']} of {adapter.num_layers} "
              f"({report['rule']}); wrote {out}/importance.json and importance.png")
     return report
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="pop-analyze", description="Per-layer prefill and decode importance "
-                                "(virtual gates), and a recommended number of kept prefill layers.")
-    p.add_argument("--model", required=True, help="as for pop-export")
-    p.add_argument("--data", required=True, help="a UTF-8 text file for calibration")
-    p.add_argument("--samples", type=int, default=32, help="calibration windows (the paper used 200)")
-    p.add_argument("--out", help="output folder (default: artifacts/analyze-<model>)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32, help="sampled continuation: the decode positions")
-    p.add_argument("--budget", type=float, default=0.05, help="share of prefill importance pruning may drop")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-heads", default="original", choices=("original", "fitted"),
-                   help="fitted: also fit KV heads on --data at the recommended and default K, and report each "
-                        "pruned layer's held-out K/V error with the original and the fitted heads")
-    p.add_argument("--calib-tokens", type=int, metavar="N", help="calibration tokens for fitted heads (default 65536)")
-    p.add_argument("--ridge", default="auto", metavar="auto|VALUE", help="as for pop-export")
-    args = p.parse_args(argv)
-
-    def body():
-        if args.samples < 1 or args.prompt_len < 2 or args.new_tokens < 1 or not 0 <= args.budget < 1:
-            raise PopError("need --samples >= 1, --prompt-len >= 2, --new-tokens >= 1 and 0 <= --budget < 1")
-        analyze(args.model, args.data, args.samples, args.out, args.prompt_len, args.new_tokens, args.seed,
-                args.budget, progress=lambda m: print(f"pop-analyze: {m}", file=sys.stderr, flush=True),
-                kv_heads=args.kv_heads, calib_tokens=args.calib_tokens, ridge=args.ridge)
-    return run_command("pop-analyze", body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,5 @@
 """Real text cut into evaluation windows: a prompt, then its continuation."""
-import hashlib
-from pathlib import Path
-
 from pop.runtime.errors import PopError
-
-
-def read_text(path) -> tuple[str, str]:
-    """(text, sha256) of a UTF-8 text file, with one-line errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise PopError(f"data file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PopError(f"data file {path} is not UTF-8 text") from None
-    if not text.strip():
-        raise PopError(f"data file {path} is empty")
-    return text, hashlib.sha256(raw).hexdigest()
 
 
 def windows(text, tokenizer, prompt_len, continuation_len, samples, bos_id=None, path="data"):

@@ -1,5 +1,4 @@
-"""pop-eval: what pruning the prefill costs, against the full model, on real text."""
-import argparse
+"""pop-eval: what pruning the prefill costs, against the full model, on real text.  Flags: pop.cli.eval."""
 import json
 import math
 import sys
@@ -9,12 +8,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pop.exporter import fitted_heads, sources
-from pop.exporter.export import kept_layers
 from pop.exporter.families import adapter_for
-from pop.runtime.errors import PopError, run_command
+from pop.exporter.options import prefill_layers_for
+from pop.runtime.errors import PopError
 
 from . import data, fidelity
-from .methods import HFRunner, RuntimeRunner, standard_methods
+from .methods import Runner, RuntimeRunner, standard_methods
 
 PRUNE_RATIOS = (0.2, 0.25, 1 / 3, 0.4, 0.5)  # the paper's pruning-ratio study (its Table 4)
 SPEEDUP_PROMPT_LEN = 1024  # where the cost model's expected TTFT speedup is read, for plots and recommendations
@@ -60,7 +59,7 @@ def default_ks(num_layers):
 
 
 def _model_spec(manifest):
-    src = manifest["model"]["source"]
+    src = manifest.model.source
     spec = src.get("preset") or src.get("id") or src.get("path")
     if not spec:
         raise PopError("the manifest does not say which model these artifacts came from")
@@ -78,7 +77,7 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
         raise PopError(f"--kv-heads takes original and/or fitted, got {' '.join(kv_heads or ())}")
     if max_kl is not None and not max_kl > 0:
         raise PopError(f"--max-kl must be positive, got {max_kl}")
-    texts = [(p, *data.read_text(p)) for p in data_paths]  # bad files fail before any model loads
+    texts = [(p, *sources.read_text(p)) for p in data_paths]  # bad files fail before any model loads
     calib_text = fitted_heads.check_options("fitted" if "fitted" in kv_heads else "original", calib, calib_tokens,
                                             ridge)
     session = None
@@ -88,8 +87,9 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
         model = _model_spec(session.manifest)
     progress(f"loading {model}")
     loaded = sources.load(model, progress=progress)
-    n_layers = loaded.model.config.num_hidden_layers
-    default_k = kept_layers(n_layers)
+    adapter = adapter_for(loaded.model)
+    n_layers = adapter.num_layers
+    default_k = prefill_layers_for(n_layers)
     ks = list(ks) if ks else default_ks(n_layers)
     bad = [k for k in ks if not 1 <= k <= n_layers]
     if bad:
@@ -101,22 +101,22 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
     if calib_text:
         pruned = [k for k in ks if k < n_layers]
         progress(f"fitting KV heads for K = {', '.join(map(str, sorted(pruned, reverse=True)))} on {calib}")
-        fitted = fitted_heads.calibrate(adapter_for(loaded.model), loaded.tokenizer, calib_text[0], pruned,
+        fitted = fitted_heads.calibrate(adapter, loaded.tokenizer, calib_text[0], pruned,
                                         calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge, bos, calib)
         first = next(iter(fitted.values()))
         calibration = {"file": str(calib), "sha256": calib_text[1], **first.calibration,
                        "layers": {k: h.layers for k, h in fitted.items()}}
     methods = standard_methods(n_layers, ks, default_k, fitted, original="original" in kv_heads)
-    runner = HFRunner(loaded.model)
+    runner = Runner(loaded.model)
     report = {"model": {"name": loaded.name, "source": loaded.source, "num_layers": n_layers},
               "settings": {"samples": samples, "prompt_len": prompt_len, "continuation": continuation,
                            "greedy_tokens": greedy_tokens, "prefill_layers": sorted(ks), "default_k": default_k,
-                           "reference": "HF modules, eager attention, fp32", "kv_heads": list(kv_heads),
+                           "reference": "pop's layers over the model's own HF modules, eager, fp32", "kv_heads": list(kv_heads),
                            "speedup": f"expected TTFT speedup at {SPEEDUP_PROMPT_LEN} prompt tokens, FLOP cost "
                                       f"model (bench/cost.py)"},
               "calibration": calibration, "artifacts": None, "data": []}
     if session:
-        report["artifacts"] = {"path": str(artifacts), "prefill_layers": session.manifest["pop"]["prefill_layers"]}
+        report["artifacts"] = {"path": str(artifacts), "prefill_layers": session.manifest.pop.prefill_layers}
     started = time.perf_counter()
     for path, text, sha in texts:
         windows = data.windows(text, loaded.tokenizer, prompt_len, continuation, samples, bos, path)
@@ -141,8 +141,9 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                     "expected_ttft_speedup": expected_speedup(config, m.prefill_layers),
                     **fidelity.summarize(rows[m.name])} for m in methods]
         if session:
-            k = session.manifest["pop"]["prefill_layers"]
-            fitted_tag = ", fitted heads" if session.manifest.get("kv_heads", {}).get("kind") == "fitted" else ""
+            k = session.manifest.pop.prefill_layers
+            fitted_tag = ", fitted heads" if session.manifest.kv_heads and session.manifest.kv_heads.kind == "fitted" \
+                else ""
             results += [{"method": "exported graphs, pop runtime, full mode", "prefill_layers": n_layers,
                          "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, n_layers),
                          **fidelity.summarize(runtime_rows["full"])},
@@ -225,48 +226,9 @@ def plot(path, report):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="pop-eval", description="Fidelity of POP and its ablations against the "
-                                                             "full model on real text.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="as for pop-export")
-    src.add_argument("--artifacts", help="a pop-export folder: its graphs are evaluated through the runtime too")
-    p.add_argument("--data", required=True, action="append", help="a UTF-8 text file (repeatable)")
-    p.add_argument("--prefill-layers", type=int, nargs="+", metavar="K",
-                   help="POP variants to compare (default: pruning 20, 25, 33, 40 and 50%% of the layers)")
-    p.add_argument("--samples", type=int, default=24, help="windows per data file")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--continuation", type=int, default=32, help="teacher-forced tokens after each prompt")
-    p.add_argument("--greedy-tokens", type=int, default=16)
-    p.add_argument("--out", help="folder for report.json, report.md, tradeoff.png (default: artifacts/eval-<model>)")
-    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
-    p.add_argument("--kv-heads", nargs="+", default=["original"], choices=list(HEAD_KINDS),
-                   help="POP's KV heads to compare: the layers' own (original, the paper) and/or heads refitted "
-                        "on --calib text (fitted); default original")
-    p.add_argument("--calib", metavar="FILE", help="calibration text for --kv-heads fitted")
-    p.add_argument("--calib-tokens", type=int, metavar="N", help="calibration tokens (default 65536)")
-    p.add_argument("--ridge", default="auto", metavar="auto|VALUE", help="as for pop-export")
-    p.add_argument("--max-kl", type=float, metavar="X",
-                   help="recommend, per kind of KV head, the deepest pruning whose first-token KL stays <= X")
-    args = p.parse_args(argv)
-
-    def body():
-        if args.samples < 1 or args.prompt_len < 2 or args.continuation < 1 or args.greedy_tokens < 1:
-            raise PopError("need --samples >= 1, --prompt-len >= 2, --continuation >= 1 and --greedy-tokens >= 1")
-        report = evaluate(args.model, args.artifacts, args.data, args.prefill_layers, args.samples,
-                          args.prompt_len, args.continuation, args.greedy_tokens,
-                          progress=lambda m: print(f"pop-eval: {m}", file=sys.stderr, flush=True),
-                          kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
-                          max_kl=args.max_kl)
-        out = Path(args.out) if args.out else Path("artifacts") / f"eval-{report['model']['name']}"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "report.md").write_text(markdown(report))
-        plot(out / "tradeoff.png", report)
-        print(json.dumps(report) if args.json else markdown(report))
-        print(f"pop-eval: wrote {out}/report.json, report.md and tradeoff.png", file=sys.stderr)
-    return run_command("pop-eval", body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def write_reports(report, out: Path):
+    """report.json, report.md and tradeoff.png into out."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(out / "tradeoff.png", report)

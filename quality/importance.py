@@ -11,7 +11,7 @@ The forward is pop.py's layer, written once over the family adapters.
 """
 import torch
 
-from pop.exporter.pop import PopDecode
+from pop.exporter.pop import PopGraph
 
 RULE = ("recommended K = the smallest K whose pruned layers K..L-1 together hold at most "
         "{budget:.0%} of the total prefill importance")
@@ -31,9 +31,11 @@ def gated_loss(graph, ids, prompt_len, g_prefill, g_decode):
     ad = graph.ad
     b, t = ids.shape
     pos = torch.arange(t)[None].expand(b, t)
-    h = ad.embed(ids)
-    rope = graph._ropes(pos, h)
-    masks = graph._masks(torch.ones(t, b, dtype=torch.long), 0, t, {})
+    if ad.position_axes > 1:  # M-RoPE: text advances every axis alike
+        pos = pos[None].expand(ad.position_axes, b, t)
+    h = graph.embed(ids)
+    rope = graph.ropes(pos, h)
+    masks = graph.masks(torch.ones(t, b, dtype=torch.long), 0, t)
     empty = h.new_zeros(0, b, ad.num_kv_heads, ad.head_dim)
     decode_pos = (torch.arange(t) >= prompt_len - 1)[None, :, None]
     for l in range(ad.num_layers):
@@ -45,7 +47,7 @@ def gated_loss(graph, ids, prompt_len, g_prefill, g_decode):
 
 def stage_importance(hf_model, adapter, prompts, new_tokens=32, seed=0, progress=None):
     """(prefill importance [L], decode importance [L]) averaged over the prompts."""
-    graph = PopDecode(adapter).eval()
+    graph = PopGraph(adapter).eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
     n_layers = adapter.num_layers

@@ -1,28 +1,30 @@
-"""The methods pop-eval compares, run on HF's own modules in eager PyTorch.
+"""The methods pop-eval compares, run eagerly through the family adapters and pop.py's layers.
 
 A method is a few switches over the ordinary model:
 
 * prefill_skip: layers bypassed (output = input) while the prompt is encoded.
-  A bypassed layer still runs its attention on the hidden state it receives,
-  which is the input of the bypassed block, so HF writes exactly the
-  independent KV projection into its cache: norm, W_k/W_v, k-norm, RoPE.
+  Each fills its cache for the prompt through its own KV head (pop.PopGraph.kv_head)
+  from the hidden state it receives, which for POP at K is the output of layer
+  K-1: norm, W_k/W_v, k-norm, RoPE.
 * kv_projection=False: those cache entries are then hidden from attention, as
   if the layer had none for the prompt (the paper's ablation).
 * boundary=False: the last prompt token is prefilled with the rest, and the
   first token comes from the shallow stack's own logits.
 * decode_skip: layers bypassed for generated tokens too (ShortGPT-style).
-* heads: fitted KV heads (exporter/fitted_heads.py): while the prompt is
-  encoded, the bypassed layers' K/V matrices are swapped for the fitted ones,
-  so their cache entries are the fitted projections.
+* heads: fitted KV heads (exporter/fitted_heads.py) for the bypassed layers'
+  KV heads; the attention sink keeps each layer's own matrices (pop.sink_mask).
 
 POP at K is prefill_skip = K..L-1.  With no switch set it is the full model.
+The layers are the same code the exported graphs are traced from, over any
+family's adapter, VLMs included (text windows).
 """
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+
+from pop.exporter.families import adapter_for
+from pop.exporter.pop import PopGraph, seq_major, sink_mask
 
 
 @dataclass(frozen=True)
@@ -64,119 +66,106 @@ class Outcome:
     greedy: list  # greedily generated ids
 
 
-def _hidden_in(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
+@dataclass
+class State:
+    """A sequence under one method (batch 1): each layer's cache, seq-major as the graphs keep it,
+    and how many of its slots came from the prompt's shallow prefill."""
+    keys: list
+    values: list
+    prompt: int = 0  # slots written by the shallow prefill
+
+    @property
+    def seen(self):
+        return self.keys[0].shape[0]
 
 
-class HFRunner:
-    """Runs methods on one HF causal LM (batch 1)."""
+class Runner:
+    """Runs methods on one model (batch 1), eager, in the model's dtype."""
 
     def __init__(self, hf_model):
-        self.hf = hf_model.eval()
-        # eager attention receives an explicit additive mask per layer, which the
-        # "without KV projections" ablation edits
-        self.hf.set_attn_implementation("eager")
-        self.layers = self.hf.model.layers
+        self.graph = PopGraph(adapter_for(hf_model.eval()))
+        self.ad = self.graph.ad
 
-    @contextmanager
-    def _bypassed(self, layers):
-        def identity(module, args, kwargs, out):
-            h = _hidden_in(args, kwargs)
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-        handles = [self.layers[l].register_forward_hook(identity, with_kwargs=True) for l in layers]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def _positions(self, start, length):
+        pos = torch.arange(start, start + length)[None]
+        return pos[None].expand(self.ad.position_axes, 1, length) if self.ad.position_axes > 1 else pos
 
-    @contextmanager
-    def _hidden_prompt(self, layers, prompt_len, state):
-        """Mask, in these layers, the cache entries of the first prompt_len positions."""
-        def hide(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            t = kwargs["hidden_states"].shape[1]
-            columns = mask.shape[-1]
-            first = state["seen"] + t - columns  # absolute position of column 0 (sliding layers keep a tail)
-            hidden = max(0, min(columns, prompt_len - first))
-            if hidden:
-                mask = mask.clone()
-                mask[..., :hidden] = torch.finfo(mask.dtype).min
-                kwargs["attention_mask"] = mask
-            return args, kwargs
-        handles = [self.layers[l].self_attn.register_forward_pre_hook(hide, with_kwargs=True) for l in layers]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def empty(self) -> State:
+        ad = self.ad
+        blank = torch.zeros(0, 1, ad.num_kv_heads, ad.head_dim, dtype=next(self.graph.hf.parameters()).dtype)
+        return State([blank] * ad.num_layers, [blank] * ad.num_layers)
 
-    @contextmanager
-    def _fitted(self, heads):
-        """The fitted K/V matrices in place of the pruned layers' own, for the shallow prefill, which starts at
-        position 0.  Position 0 keeps the layer's own matrix: the fit never saw it (fitted_heads.collect)."""
-        def swap(fit):
-            def hook(module, args, out):
-                fitted = torch.nn.functional.linear(args[0], fit.weight, fit.bias)
-                return torch.cat([out[:, :1], fitted[:, 1:]], 1)
-            return hook
-        handles = []
-        for l in range(heads.keep, len(self.layers)) if heads is not None else ():
-            attn = self.layers[l].self_attn
-            for kind, own in (("key", attn.k_proj), ("value", attn.v_proj)):
-                fit = heads.proj(kind, l)
-                if fit is not None:
-                    handles.append(own.register_forward_hook(swap(fit)))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _forward(self, ids, cache, state):
+    @torch.no_grad()
+    def shallow(self, method: Method, ids, state: State):
+        """The prompt's shallow prefill: layers in method.prefill_skip fill their cache through their KV head
+        from the hidden state they receive.  Returns the shallow stack's last-position logits."""
+        g, ad = self.graph, self.ad
         t = ids.shape[1]
-        pos = torch.arange(state["seen"], state["seen"] + t)[None]
-        out = self.hf(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
-        state["seen"] += t
-        return out.logits[0].float()
+        pos = self._positions(0, t)
+        h = g.embed(ids)
+        rope = g.ropes(pos, h)
+        masks = g.masks(torch.ones(t, 1, dtype=torch.long), 0, t)
+        empty = h.new_zeros(0, 1, ad.num_kv_heads, ad.head_dim)
+        sink = sink_mask(pos).to(h.dtype)[..., None] if method.heads is not None else None
+        for l in range(ad.num_layers):
+            if l in method.prefill_skip:
+                heads = method.heads if method.heads is not None and l >= method.heads.prefill_layers else None
+                k, v = g.kv_head(l, h, rope, heads, sink if heads is not None else None)
+            else:
+                h, k, v = g.layer(l, h, rope, masks, empty, empty)
+            state.keys[l], state.values[l] = seq_major(k), seq_major(v)
+        state.prompt = t
+        return ad.logits(h[:, -1])[0].float()
 
-    def _decode(self, method, ids, cache, state):
-        hidden = method.prefill_skip if not method.kv_projection else ()
-        with self._bypassed(method.decode_skip), self._hidden_prompt(hidden, state["prompt"], state):
-            return self._forward(ids, cache, state)
+    @torch.no_grad()
+    def decode(self, method: Method, ids, state: State):
+        """The full model (less method.decode_skip) over new tokens after the state's cache; logits of each."""
+        g, ad = self.graph, self.ad
+        past, t = state.seen, ids.shape[1]
+        h = g.embed(ids)
+        rope = g.ropes(self._positions(past, t), h)
+        seen = torch.ones(past + t, 1, dtype=torch.long)
+        masks = g.masks(seen, past, t)
+        hidden = seen.clone()
+        hidden[:state.prompt] = 0  # the prompt's entries, for layers whose KV projections the method drops
+        hidden_masks = g.masks(hidden, past, t)
+        for l in range(ad.num_layers):
+            if l in method.decode_skip:
+                continue
+            lm = hidden_masks if (not method.kv_projection and l in method.prefill_skip) else masks
+            h, k, v = g.layer(l, h, rope, lm, state.keys[l], state.values[l])
+            state.keys[l] = torch.cat([state.keys[l], seq_major(k)])
+            state.values[l] = torch.cat([state.values[l], seq_major(v)])
+        return ad.logits(h)[0].float()
 
     @torch.no_grad()
     def prefill(self, method: Method, prompt):
-        """The prompt under this method: (first-token logits, cache, state) ready for decoding."""
+        """The prompt under this method: (first-token logits, state) ready for decoding."""
         ids = torch.tensor([prompt])
         n = ids.shape[1]
         shallow = n - 1 if method.boundary else n
-        cache = DynamicCache(config=self.hf.config)
-        state = {"seen": 0, "prompt": shallow}
-        logits = None
-        if shallow:
-            with self._bypassed(method.prefill_skip), self._fitted(method.heads):
-                logits = self._forward(ids[:, :shallow], cache, state)[-1]
+        state = self.empty()
+        logits = self.shallow(method, ids[:, :shallow], state) if shallow else None
         if method.boundary:
-            logits = self._decode(method, ids[:, -1:], cache, state)[-1]
-        return logits, cache, state
+            logits = self.decode(method, ids[:, -1:], state)[-1]
+        return logits, state
 
     @torch.no_grad()
     def run(self, method: Method, prompt, continuation, greedy_tokens=16) -> Outcome:
-        logits, cache, state = self.prefill(method, prompt)
-        greedy_cache, greedy_state = copy.deepcopy(cache), dict(state)
+        logits, state = self.prefill(method, prompt)
+        greedy_state = copy.deepcopy(state)
 
         cont = torch.tensor([continuation])
         nll = [torch.nn.functional.cross_entropy(logits[None], cont[:, 0]).item()]
         if cont.shape[1] > 1:
-            rest = self._decode(method, cont[:, :-1], cache, state)
+            rest = self.decode(method, cont[:, :-1], state)
             nll += torch.nn.functional.cross_entropy(rest, cont[0, 1:], reduction="none").tolist()
 
         greedy, token = [], int(logits.argmax())
         for i in range(greedy_tokens):
             greedy.append(token)
             if i + 1 < greedy_tokens:
-                token = int(self._decode(method, torch.tensor([[token]]), greedy_cache, greedy_state)[-1].argmax())
+                token = int(self.decode(method, torch.tensor([[token]]), greedy_state)[-1].argmax())
         return Outcome(logits, nll, greedy)
 
 

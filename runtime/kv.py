@@ -49,12 +49,6 @@ class KVBuffer:
         return self.cache[layer, kv, start:start + length]
 
 
-def layer_names(manifest):
-    """Per layer: (past_key, past_value, present_key, present_value) IO names."""
-    return [(l["past_key"], l["past_value"], l["present_key"], l["present_value"])
-            for l in manifest["kv_cache"]["layers"]]
-
-
 def prefill_io(kv, names, ids, pos, length, extra=None):
     """Bindings for the prefill graph over slots 0..length, writing them in place.
     extra: a VLM's further inputs (exporter/pop.py, extra_inputs)."""

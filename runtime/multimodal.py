@@ -24,12 +24,11 @@ class Multimodal:
     def __init__(self, spec, backend, manifest):
         self.spec, self.backend = spec, backend
         self.images = processor_for(spec)
-        self.inputs = spec["merge"]["inputs"]
-        self.token_id = spec["image_token_id"]
-        graph = manifest["graphs"]["decode"]["inputs"]
-        embeds = next(i for i in graph if i["name"] == "image_embeds")
-        self.hidden, self.dtype = int(embeds["shape"][-1]), np_dtype(embeds["dtype"])
-        self.deepstack = int(spec.get("deepstack_layers", 0))
+        self.inputs = spec.merge.inputs
+        self.token_id = spec.image_token_id
+        embeds = manifest.graphs["decode"].input("image_embeds")
+        self.hidden, self.dtype = int(embeds.shape[-1]), np_dtype(embeds.dtype)
+        self.deepstack = int(spec.deepstack_layers or 0)
         self._empty = self._features(0)  # allocated once: every decode step passes it
 
     # --- before tokenizing -------------------------------------------------
@@ -40,14 +39,15 @@ class Multimodal:
             raise PopError(f"{len(images)} image lists for {len(texts)} prompts")
         if not any(images):
             for text in texts:
-                split_placeholders(text, self.spec["image_token"], 0)  # a placeholder with no image fails here
+                split_placeholders(text, self.spec.image_token, 0)  # a placeholder with no image fails here
             return texts, None
         expanded, feeds, state = self.images.request(texts, images)
         return expanded, (feeds, state)
 
     # --- the vision graph ----------------------------------------------------
     def encode(self, request):
-        """Runs the vision graph: {"image_embeds": [M, H], ("deepstack_embeds": [n, M, H])}, ms."""
+        """Runs the vision graph: {"image_embeds": [M, H], ("deepstack_embeds": [n, M, H])}, ms.
+        request: (vision graph inputs, family state), from prepare() or from_pixels(); None: no images."""
         if request is None:
             return self.empty(), 0.0
         feeds, state = request
@@ -55,6 +55,11 @@ class Multimodal:
         out = self._features(self.images.image_tokens(state))
         self.backend.run("vision", {k: np.ascontiguousarray(v) for k, v in feeds.items()}, out)
         return out, (time.perf_counter() - t) * 1e3
+
+    def from_pixels(self, pixel_values, grids=None):
+        """A request state for pixels preprocessed elsewhere (HF's processor, in the exporter's
+        verification), so that the vision graph itself is what is compared."""
+        return self.images.from_pixels(np.ascontiguousarray(pixel_values, self.dtype), grids)
 
     def empty(self):
         """What a text-only window passes: M = 0."""

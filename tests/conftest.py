@@ -9,6 +9,7 @@ import torch
 
 from pop.exporter import sources
 from pop.exporter.export import export
+from pop.exporter.options import ExportOptions
 
 BIN = Path(sys.executable).parent
 EXCERPTS = json.loads((Path(__file__).parent / "data" / "excerpts.json").read_text())["passages"]
@@ -43,7 +44,7 @@ def exports(tmp_path_factory):
     def get(model, keep=None):
         if (model, keep) not in made:
             out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}"
-            export(model, out, prefill_layers=keep, progress=lambda m: None)
+            export(ExportOptions(model, out, prefill_layers=keep), progress=lambda m: None)
             made[model, keep] = out
         return made[model, keep]
     return get

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, cli
-from pop.runtime.errors import PopError, run_command
+from pop.cli.console import run_command
+from pop.runtime.errors import PopError
 
 
 def assert_one_line_error(run, *needles):
@@ -105,7 +106,7 @@ def test_incompatible_manifest_version(artifacts):
 
 def test_trt_missing_writes_onnx_and_fails(tmp_path):
     out = tmp_path / "trt"
-    run = cli("pop-export", "--model", "tiny-qwen3", "--out", out, "--backend", "trt", "--skip-verify")
+    run = cli("pop-export", "--model", "tiny-qwen3", "--out", out, "--format", "trt", "--skip-verify")
     assert_one_line_error(run, "no TensorRT engine was built", "tensorrt")
     manifest = json.loads((out / "pop_manifest.json").read_text())
     assert manifest["engines"] == {} and not list(out.glob("*.engine"))

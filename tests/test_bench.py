@@ -10,6 +10,7 @@ import pytest
 from conftest import cli
 from pop.bench import cost
 from pop.bench.measure import prompt_ids, stat
+from pop.runtime.manifest import Encoder, Manifest
 from test_bad_input import assert_one_line_error
 
 # hidden 4, 2 query heads and 1 KV head of dim 2, MLP 8, vocab 10, 3 layers, prefill keeps 2
@@ -71,7 +72,7 @@ def test_report_json_and_plot(exports, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["schema"] == "pop-bench/1" and report["threads"] == 1
     assert [(r["batch"], r["prompt_len"]) for r in report["results"]] == [(1, 8), (1, 24), (2, 8), (2, 24)]
-    manifest = json.loads((art / "pop_manifest.json").read_text())
+    manifest = Manifest.load(art)
     shapes = cost.Shapes.from_manifest(manifest)
     for r in report["results"]:
         for key in ("pop_ttft_ms", "full_ttft_ms", "speedup", "decode_ms_per_token"):
@@ -93,7 +94,7 @@ def test_report_json_and_plot(exports, tmp_path):
 
 def test_vision_cost_matches_a_hand_count():
     # 2 blocks of width 2, MLP 4, patches of 3 values, 2x2 merge into 4 -> 3 output; one image of 4 patches
-    enc = {"layers": 2, "hidden": 2, "intermediate": 4, "patch_dim": 3, "merge": 4, "mergers": 2, "out_hidden": 3}
+    enc = Encoder(layers=2, hidden=2, intermediate=4, patch_dim=3, merge=4, mergers=2, out_hidden=3)
     per_patch = matmul(1, 2, 6) + matmul(1, 2, 2) + matmul(1, 2, 4) + matmul(1, 4, 2)  # qkv, proj, fc1, fc2
     attention = matmul(4, 2, 4) + matmul(4, 4, 2)  # scores and probs @ V over the image's 4 patches
     block = 4 * per_patch + attention

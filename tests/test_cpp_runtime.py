@@ -16,6 +16,7 @@ import torch
 
 from pop.exporter import reference
 from pop.exporter.export import export
+from pop.exporter.options import ExportOptions
 from pop.runtime.native import NativeError, NativeSession, library
 from pop.runtime.session import PopSession
 
@@ -46,7 +47,7 @@ def aoti_exports(tmp_path_factory):
     def get(model):
         if model not in made:
             out = tmp_path_factory.mktemp("aoti") / model
-            export(model, out, backend="aoti", max_seq_len=MAX_SEQ, threads=1, progress=lambda m: None)
+            export(ExportOptions(model, out, format="aoti", max_seq_len=MAX_SEQ, threads=1), progress=lambda m: None)
             made[model] = out
         return made[model]
     return get
@@ -57,8 +58,8 @@ def _check_family(model, directory, loaded, libpop, prompts):
     prompt is the unpruned model); C++ = Python runtime = the PyTorch POP reference in POP mode."""
     python = PopSession.load(directory, threads=1)
     native = NativeSession(directory, threads=1, lib=libpop)
-    keep = python.manifest["pop"]["prefill_layers"]
-    assert keep < python.num_layers and python.manifest["graphs"]["decode"]["format"] == "aoti"
+    keep = python.manifest.pop.prefill_layers
+    assert keep < python.num_layers and python.manifest.graphs["decode"].format == "aoti"
     for ids in prompts:
         expected_full = hf_greedy(loaded.model, ids, NEW, python.eos_ids)
         got, stats = native.generate(ids, NEW, mode="full")

@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from pop.exporter import fitted_heads as fh
-from pop.exporter import reference, tiny, to_tensorrt
+from pop.exporter import reference, tiny
+from pop.exporter.formats import tensorrt as to_tensorrt
+from pop.exporter.pop import sink_mask
 from pop.exporter.export import export
+from pop.exporter.options import ExportOptions
 from pop.exporter.families import adapter_for
 from pop.exporter.verify import TOLERANCE
 from pop.runtime.backends.ort import OrtBackend
 from pop.runtime.errors import PopError
-from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
+from pop.runtime.kv import KVBuffer, decode_io, prefill_io
+from pop.runtime.manifest import Manifest
 
 from conftest import BIN, EXCERPTS, cli
 
@@ -150,18 +154,18 @@ def fitted_export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fitted")
     calib = folder / "calib.txt"
     calib.write_text(CALIB)
-    out, manifest = export("tiny-gemma3", folder / "art", prefill_layers=KEEP, kv_heads="fitted", calib=calib,
-                           progress=lambda m: None)
-    return out, manifest, calib
+    out, _ = export(ExportOptions("tiny-gemma3", folder / "art", prefill_layers=KEEP, kv_heads="fitted", calib=calib),
+                    progress=lambda m: None)
+    return out, json.loads((out / "pop_manifest.json").read_text()), calib
 
 
 def test_sink_is_each_rows_first_position_zero():
     left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])  # padded slots get position 1
-    assert fh.sink_mask(left_padded).tolist() == [[False, False, True, False, False],
+    assert sink_mask(left_padded).tolist() == [[False, False, True, False, False],
                                                   [True, False, False, False, False]]
     # M-RoPE [3, B, T]: an opening image's tokens share temporal position 0; only the first is the sink
     mrope = torch.tensor([[[0, 0, 0, 1, 2]], [[0, 0, 1, 2, 3]], [[0, 1, 0, 2, 3]]])
-    assert fh.sink_mask(mrope).tolist() == [[True, False, False, False, False]]
+    assert sink_mask(mrope).tolist() == [[True, False, False, False, False]]
 
 
 def test_fitted_graphs_use_only_tensorrt_supported_ops(fitted_export):
@@ -191,10 +195,10 @@ def test_fitted_export_manifest_and_verification(fitted_export):
 
 
 def _run(directory, ids, n):
-    manifest = json.loads((directory / "pop_manifest.json").read_text())
-    backend, names = OrtBackend(directory, manifest), layer_names(manifest)
-    spec = manifest["kv_cache"]["layers"][0]
-    kv = KVBuffer(6, spec["kv_heads"], spec["head_dim"], n, np.float32, batch=1)
+    manifest = Manifest.load(directory)
+    backend, names = OrtBackend(directory, manifest), manifest.layer_names()
+    spec = manifest.kv_cache.layers[0]
+    kv = KVBuffer(6, spec.kv_heads, spec.head_dim, n, np.float32, batch=1)
     kv.mask[:] = 1
     pos = np.arange(n)[None]
     backend.run("prefill", *prefill_io(kv, names, ids[:, :-1].copy(), pos[:, :-1].copy(), n - 1))
@@ -241,21 +245,17 @@ def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, expor
 
 
 def test_eval_runs_fitted_heads_like_the_reference_and_recommends_within_budget(tmp_path):
-    from pop.quality import data, fidelity
     from pop.quality.evaluate import evaluate
-    from pop.quality.methods import HFRunner, Method
+    from pop.quality.methods import Method, Runner
     model, tok, _ = tiny.build("tiny-qwen3")
     heads = _calibrate(model, tok)
-    run = HFRunner(model)
-    own = model.model.layers[5].self_attn.k_proj.weight.clone()
     prompt = tok(HELD).input_ids[:30]
-    _, cache, _ = run.prefill(Method("fitted", tuple(range(KEEP, 6)), heads=heads), prompt)
-    assert torch.equal(model.model.layers[5].self_attn.k_proj.weight, own)  # swapped back
+    _, state = Runner(model).prefill(Method("fitted", tuple(range(KEEP, 6)), heads=heads), prompt)
     ref = reference.prefill(model, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long),
                             KEEP, heads=heads)
-    for l in range(6):
-        assert torch.allclose(cache.layers[l].keys[..., :-1, :], ref.layers[l].keys, atol=1e-5)
-        assert torch.allclose(cache.layers[l].values[..., :-1, :], ref.layers[l].values, atol=1e-5)
+    for l, (k, v) in enumerate(reference.cache_tensors(ref)):  # the prompt's entries, before the boundary token's
+        assert torch.allclose(state.keys[l][:-1], k, atol=1e-5)
+        assert torch.allclose(state.values[l][:-1], v, atol=1e-5)
 
     text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
     text.write_text(HELD * 3)

@@ -14,13 +14,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from pop.exporter import to_tensorrt
+from pop.exporter.formats import tensorrt as to_tensorrt
 from pop.runtime import manifest as manifest_io
+from pop.runtime.manifest import Engine, Manifest
 from pop.runtime.backends import cuda
 from pop.runtime.backends.ort import require_provider
 from pop.runtime.backends.trt import ALIGNMENT, check_engine
 from pop.runtime.errors import PopError
-from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
+from pop.runtime.kv import KVBuffer, decode_io, prefill_io
 from pop.runtime.session import PopSession
 
 from conftest import cli
@@ -35,15 +36,15 @@ def _host_zeros(shape, dtype):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_device_kv_blocks_are_numpys_blocks(exports, batch):
-    man = manifest_io.load(exports("tiny-llama"))
-    spec = man["kv_cache"]["layers"][0]
-    args = (len(man["kv_cache"]["layers"]), spec["kv_heads"], spec["head_dim"], 40, np.float32)
+    man = Manifest.load(exports("tiny-llama"))
+    spec = man.kv_cache.layers[0]
+    args = (len(man.kv_cache.layers), spec.kv_heads, spec.head_dim, 40, np.float32)
     host = KVBuffer(*args, batch=4)
     dev = KVBuffer(*args, batch=4, zeros=_host_zeros)
     host.use(batch)
     dev.use(batch)  # a smaller batch is a view of the first part of the storage, on both
     host_base, dev_base = host._storage.ctypes.data, dev._storage.ptr
-    names = layer_names(man)
+    names = man.layer_names()
     ids, pos = np.zeros((batch, 5), np.int64), np.zeros((batch, 5), np.int64)
     logits = np.zeros((batch, 7), np.float32)
     for (h_in, h_out), (d_in, d_out) in [
@@ -126,7 +127,7 @@ def test_ort_cuda_without_a_gpu_says_so(exports, tool):
 
 def test_trt_backend_needs_engines(exports):
     run = cli("pop-generate", exports("tiny-llama"), "--prompt-ids", "1,2,3", "--backend", "trt")
-    assert_one_line_error(run, "no TensorRT engine for prefill, decode", "--backend trt")
+    assert_one_line_error(run, "no TensorRT engine for prefill, decode", "--format trt")
 
 
 def test_trt_backend_without_tensorrt_says_so(exports, tmp_path):
@@ -141,8 +142,8 @@ def test_trt_backend_without_tensorrt_says_so(exports, tmp_path):
             (art / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             (art / f.relative_to(src)).write_bytes(f.read_bytes())
     man = json.loads((art / manifest_io.FILE).read_text())
-    man["engines"] = {g: {"file": f"{g}.engine", "tensorrt": "10.15.1", "gpu": {"name": "NVIDIA H100 80GB HBM3",
-                                                                                 "compute_capability": "9.0"}}
+    man["engines"] = {g: {"file": f"{g}.engine", "tensorrt": "10.15.1", "profile": {"batch": [1, 1, 8]},
+                          "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
                       for g in man["graphs"]}
     (art / manifest_io.FILE).write_text(json.dumps(man))
     run = cli("pop-generate", art, "--prompt-ids", "1,2,3", "--backend", "trt")
@@ -151,28 +152,28 @@ def test_trt_backend_without_tensorrt_says_so(exports, tmp_path):
 
 def test_engine_built_elsewhere_is_refused():
     gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    entry = {"file": "decode.engine", "tensorrt": "10.15.1", "gpu": dict(gpu)}
+    entry = Engine("decode.engine", "10.15.1", dict(gpu), {})
     check_engine("decode", entry, "10.15.1", gpu)
     with pytest.raises(PopError, match="built by TensorRT 10.15.1; this machine has TensorRT 10.16.0"):
         check_engine("decode", entry, "10.16.0", gpu)
     with pytest.raises(PopError, match="built for NVIDIA H100 .* this GPU is NVIDIA L4"):
         check_engine("decode", entry, "10.15.1", {"name": "NVIDIA L4", "compute_capability": "8.9"})
     with pytest.raises(PopError, match="built by TensorRT None"):
-        check_engine("decode", {"file": "decode.engine"}, "10.15.1", gpu)
+        check_engine("decode", Engine("decode.engine", None, {}, {}), "10.15.1", gpu)
 
 
 def test_bf16_graphs_are_written_for_the_gpu(tmp_path):
     out = tmp_path / "bf16"
     run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--dtype", "bf16", "--skip-verify")
     assert run.returncode == 0, run.stderr
-    man = manifest_io.load(out)
-    assert man["dtype"] == man["kv_cache"]["dtype"] == "bfloat16"
+    man = Manifest.load(out)
+    assert man.dtype == man.kv_cache.dtype == "bfloat16"
     import onnx
-    for name, g in man["graphs"].items():
-        graph = onnx.load(str(out / g["file"]), load_external_data=False).graph
+    for name, g in man.graphs.items():
+        graph = onnx.load(str(out / g.file), load_external_data=False).graph
         kv = [i for i in graph.input if i.name.startswith("past_")] + [o for o in graph.output if o.name.startswith("present_")]
         assert kv and all(t.type.tensor_type.elem_type == TensorProto.BFLOAT16 for t in kv), name
-        assert to_tensorrt.unsupported(out / g["file"]) == [], name
+        assert to_tensorrt.unsupported(out / g.file) == [], name
     run = cli("pop-generate", out, "--prompt-ids", "1,2,3")
     assert_one_line_error(run, "bf16", "ort-cuda")
 
@@ -208,11 +209,11 @@ def test_ort_cuda_greedy_equals_the_cpu_runtime(exports, model):
 def test_trt_engines_greedy_equals_the_cpu_runtime(tmp_path):
     _gpu_backend_or_skip("trt")
     out = tmp_path / "trt"
-    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--backend", "trt", "--prefill-layers", "2",
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--format", "trt", "--prefill-layers", "2",
               "--max-seq-len", "64", "--max-batch", "2")
     assert run.returncode == 0, run.stderr
-    man = manifest_io.load(out)
-    assert set(man["engines"]) == set(man["graphs"]) and man["engines"]["decode"]["gpu"]["name"]
+    man = Manifest.load(out)
+    assert set(man.engines) == set(man.graphs) and man.engines["decode"].gpu["name"]
     ids = [[5, 9, 11, 3, 7, 21, 8], [4, 4, 13, 2]]
     cpu = PopSession.load(out).generate(ids, 12, stop_at_eos=False)
     trt = PopSession.load(out, "trt").generate(ids, 12, stop_at_eos=False)

@@ -9,7 +9,7 @@ from pop.exporter import reference, sources, tiny
 from pop.exporter.families import adapter_for
 from pop.quality import data, fidelity, importance
 from pop.quality.evaluate import evaluate
-from pop.quality.methods import HFRunner, Method, standard_methods
+from pop.quality.methods import Method, Runner, standard_methods
 
 from conftest import EXCERPTS, cli
 
@@ -58,7 +58,21 @@ def test_gates_at_one_are_the_model():
 @pytest.fixture(scope="module")
 def runner():
     model, tok, _ = tiny.build("tiny-qwen3")
-    return HFRunner(model), tok
+    return Runner(model), tok
+
+
+def test_runner_is_hf_and_the_pop_reference(runner):
+    """The eager runner (pop.py's layers over the adapter) against HF's own forward and the HF-based reference."""
+    run, tok = runner
+    prompt = _prompts(tok, 1, 20)[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        hf_logits = run.graph.hf(ids).logits[0, -1]
+    assert torch.allclose(run.prefill(Method("full"), prompt)[0], hf_logits, atol=1e-5)
+    mask = torch.ones_like(ids)
+    cache = reference.prefill(run.graph.hf, ids[:, :-1], mask[:, :-1], 4)
+    expected = reference.step(run.graph.hf, ids[:, -1:], mask, cache)[0]
+    assert torch.allclose(run.prefill(Method("pop", (4, 5)), prompt)[0], expected, atol=1e-5)
 
 
 def test_pop_cache_is_the_kv_projection(runner):
@@ -66,39 +80,38 @@ def test_pop_cache_is_the_kv_projection(runner):
     prompt = _prompts(tok, 1, 20)[0]
     keep = 4
     pop = Method("pop", tuple(range(keep, 6)))
-    _, cache, _ = run.prefill(pop, prompt)
-    ref = reference.prefill(run.hf, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long), keep)
-    for l in range(6):
-        assert torch.allclose(cache.layers[l].keys[..., :-1, :], ref.layers[l].keys, atol=1e-5)
-        assert torch.allclose(cache.layers[l].values[..., :-1, :], ref.layers[l].values, atol=1e-5)
+    _, state = run.prefill(pop, prompt)
+    ref = reference.prefill(run.graph.hf, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long),
+                            keep)
+    for l, (k, v) in enumerate(reference.cache_tensors(ref)):
+        assert torch.allclose(state.keys[l][:-1], k, atol=1e-5)
+        assert torch.allclose(state.values[l][:-1], v, atol=1e-5)
     # the first third pruned instead: those layers' caches come from the embeddings
     first = Method("first", (0, 1))
-    _, cache, _ = run.prefill(first, prompt)
-    h = run.hf.model.embed_tokens(torch.tensor([prompt[:-1]]))
+    _, state = run.prefill(first, prompt)
+    h = run.graph.hf.model.embed_tokens(torch.tensor([prompt[:-1]]))
     for l in (0, 1):
-        k, v = reference._kv_projection(run.hf, l, h, torch.arange(len(prompt) - 1)[None])
-        assert torch.allclose(cache.layers[l].keys[..., :-1, :], k, atol=1e-5)
+        k, v = reference.kv_projection(run.graph.hf, l, h, torch.arange(len(prompt) - 1)[None])
+        assert torch.allclose(state.keys[l][:-1], k.permute(2, 0, 1, 3), atol=1e-5)
 
 
 def test_without_kv_projections_the_prompt_entries_are_unseen(runner):
-    """Attention weights of a pruned layer on the prompt's cache entries, at the boundary step."""
+    """At the boundary step, the pruned layers' prompt entries change nothing when the method drops them,
+    and change the logits when it keeps them."""
     run, tok = runner
     prompt = _prompts(tok, 1, 20)[0]
-    n = len(prompt)
-    seen = {}
-
-    def capture(module, args, kwargs, out):
-        seen["weights"] = out[1]
-    for method, expect_zero in ((Method("pop", (4, 5)), False), (Method("no-kv", (4, 5), kv_projection=False), True)):
-        handle = run.layers[5].self_attn.register_forward_hook(capture, with_kwargs=True)
-        try:
-            run.prefill(method, prompt)
-        finally:
-            handle.remove()
-        on_prompt = seen["weights"][0, :, -1, :n - 1]  # boundary query against the n-1 prompt entries
-        assert seen["weights"].shape[-1] == n
-        assert (on_prompt.abs().max() == 0) == expect_zero
-        assert torch.allclose(seen["weights"][0, :, -1].sum(-1), torch.ones(1))
+    ids = torch.tensor([prompt])
+    for method, unseen in ((Method("pop", (4, 5)), False), (Method("no-kv", (4, 5), kv_projection=False), True)):
+        logits = []
+        for scramble in (False, True):
+            state = run.empty()
+            run.shallow(method, ids[:, :-1], state)
+            if scramble:
+                for l in method.prefill_skip:
+                    state.keys[l] = torch.randn_like(state.keys[l]) * 10
+                    state.values[l] = torch.randn_like(state.values[l]) * 10
+            logits.append(run.decode(method, ids[:, -1:], state)[-1])
+        assert torch.equal(logits[0], logits[1]) == unseen, method.name
 
 
 def test_identical_methods_score_perfectly(runner):
@@ -187,3 +200,24 @@ def test_real_model_pop_beats_shortgpt():
     pop, short = rows["POP K=20"], rows["ShortGPT-style"]
     assert pop["top1_agreement"] > short["top1_agreement"]
     assert pop["kl_full_to_method"] < short["kl_full_to_method"]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl", "tiny-gemma3-vl"])
+def test_eval_and_analyze_on_vlms_with_text_windows(name, tmp_path):
+    """The methods run through the family adapters, so VLM exports' models work too: full = HF's own forward,
+    and the reports come out."""
+    from pop.quality.analyze import analyze
+    model, tok, _ = tiny.build(name)
+    prompt = _prompts(tok, 1, 20)[0]
+    with torch.no_grad():
+        hf_logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(Runner(model).prefill(Method("full"), prompt)[0], hf_logits, atol=1e-5)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    report = evaluate(model=name, data_paths=[text], ks=[5, 4], samples=2, prompt_len=16, continuation=4,
+                      greedy_tokens=4, progress=lambda m: None)
+    rows = {r["method"]: r for r in report["data"][0]["results"]}
+    assert rows["full"]["kl_full_to_method"] == 0 and rows["POP K=5"]["kl_full_to_method"] < 1e-9
+    assert rows["POP K=4"]["kl_full_to_method"] > 0
+    imp = analyze(name, text, samples=2, out=tmp_path / "a", prompt_len=16, new_tokens=4, progress=lambda m: None)
+    assert len(imp["prefill"]) == 6 and imp["decode"][-1] > 0 and 1 <= imp["recommended_prefill_layers"] <= 6

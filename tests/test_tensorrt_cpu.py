@@ -5,15 +5,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pop.exporter import to_onnx, to_tensorrt
-from pop.runtime import manifest as manifest_io
+from pop.exporter.formats import onnx as to_onnx
+from pop.exporter.formats import tensorrt as to_tensorrt
+from pop.runtime.manifest import Manifest
 
 MODELS = ["tiny-llama", "tiny-gemma3", "tiny-qwen3-vl", "tiny-gemma3-vl"]
 
 
 def _graph_files(art):
-    man = manifest_io.load(art)
-    return man, {name: art / g["file"] for name, g in man["graphs"].items()}
+    man = Manifest.load(art)
+    return man, {name: art / g.file for name, g in man.graphs.items()}
 
 
 def test_matrix_source():
@@ -29,7 +30,7 @@ def test_matrix_source():
 @pytest.mark.parametrize("model", MODELS)
 def test_exported_graphs_are_supported(exports, model):
     man, files = _graph_files(exports(model))
-    assert {"prefill", "decode"} <= set(files) and ("vision" in files) == ("vision" in man)
+    assert {"prefill", "decode"} <= set(files) and ("vision" in files) == (man.vision is not None)
     for name, path in files.items():
         assert to_tensorrt.unsupported(path) == [], name
 
@@ -72,16 +73,17 @@ def test_unsupported_op_inside_a_subgraph(tmp_path):
 @pytest.mark.parametrize("model", MODELS)
 def test_profile_covers_the_manifest(exports, model, max_batch):
     man, _ = _graph_files(exports(model))
-    n = man["max_seq_len"]
-    ranges = to_tensorrt.axis_ranges(max_batch, n, man.get("vision"))
-    for name, graph in man["graphs"].items():
-        for tensor in graph["inputs"]:
-            for axis in tensor["shape"]:
+    n = man.max_seq_len
+    ranges = to_tensorrt.axis_ranges(max_batch, n, man.vision)
+    for name, graph in man.graphs.items():
+        for tensor in graph.inputs:
+            for axis in tensor.shape:
                 if isinstance(axis, str):
                     lo, opt, hi = ranges[axis]
-                    assert 0 <= lo <= opt <= hi, (name, tensor["name"], axis)
+                    assert 0 <= lo <= opt <= hi, (name, tensor.name, axis)
     assert ranges["seq"][2] == ranges["total"][2] == n
     assert ranges["past"][2] == n - 1
     assert ranges["batch"][2] == max_batch
-    assert ranges["image_tokens"][0] == 0  # decode steps pass no image tokens
-    assert to_tensorrt.axis_ranges(max_batch, n)["batch"] == ranges["batch"]  # export.py's call
+    if man.vision is not None:
+        assert ranges["image_tokens"][0] == 0  # decode steps pass no image tokens
+    assert to_tensorrt.axis_ranges(max_batch, n)["batch"] == ranges["batch"]

@@ -8,7 +8,8 @@ import torch
 from pop.exporter import reference
 from pop.exporter.verify import TOLERANCE
 from pop.runtime.backends.ort import OrtBackend
-from pop.runtime.kv import KVBuffer, decode_io, layer_names, prefill_io
+from pop.runtime.kv import KVBuffer, decode_io, prefill_io
+from pop.runtime.manifest import Manifest
 from pop.runtime.session import PopSession
 
 from conftest import cli, generate_json, hf_greedy
@@ -69,8 +70,8 @@ def test_default_pruning_graphs_match_reference(family, exports, hf_models):
     assert keep == layers - layers // 3 and manifest["pop"]["pruned_layers"] == list(range(keep, layers))
     assert manifest["verification"]["passed"]
 
-    backend = OrtBackend(directory, manifest)
-    names = layer_names(manifest)
+    backend = OrtBackend(directory, Manifest.load(directory))
+    names = Manifest.load(directory).layer_names()
     spec = manifest["kv_cache"]["layers"][0]
     b, n = 2, 19  # n - 1 = 18 > tiny-gemma3's window of 8
     kv = KVBuffer(layers, spec["kv_heads"], spec["head_dim"], n, np.float32, batch=b)
@@ -98,7 +99,7 @@ def test_default_pruning_graphs_match_reference(family, exports, hf_models):
 def test_default_pruning_generation_equals_reference(family, exports, hf_models):
     session = PopSession.load(exports(family))
     hf = hf_models(family)
-    keep = session.manifest["pop"]["prefill_layers"]
+    keep = session.manifest.pop.prefill_layers
     assert keep < session.num_layers
     for text in PROMPTS:
         ids = _ids(hf, text)
@@ -115,7 +116,7 @@ def test_short_prompts(family, exports, hf_models, length):
     hf = hf_models(family)
     ids = _ids(hf, "Hi")[:length]
     assert len(ids) == length
-    expected = reference.generate(hf.model, torch.tensor([ids]), keep=session.manifest["pop"]["prefill_layers"],
+    expected = reference.generate(hf.model, torch.tensor([ids]), keep=session.manifest.pop.prefill_layers,
                                   max_new_tokens=8)[0].tolist()
     assert session.generate(ids, 8, stop_at_eos=False).output_ids[0] == expected
 
@@ -125,7 +126,7 @@ def test_short_prompts(family, exports, hf_models, length):
 def test_batch_of_two(family, exports, hf_models, texts):
     session = PopSession.load(exports(family))
     hf = hf_models(family)
-    keep = session.manifest["pop"]["prefill_layers"]
+    keep = session.manifest.pop.prefill_layers
     rows = [_ids(hf, t) for t in texts]
     n = max(map(len, rows))
     ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
@@ -147,7 +148,7 @@ def test_kv_buffer_is_written_in_place(family, exports, hf_models):
     session.generate(ids, 4, stop_at_eos=False)
     assert session.kv._storage is storage and storage.ctypes.data == address
     ref = reference.prefill(hf.model, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long),
-                            session.manifest["pop"]["prefill_layers"])
+                            session.manifest.pop.prefill_layers)
     n = len(ids) - 1
     for l, (k, v) in enumerate(reference.cache_tensors(ref)):
         stored = k.shape[0]

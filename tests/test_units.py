@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pop.exporter import reference, sources, tiny
-from pop.exporter.export import kept_layers
+from pop.exporter.options import prefill_layers_for
 from pop.exporter.families import adapter_for, supported
 from pop.runtime import manifest
 from pop.runtime.errors import PopError
@@ -15,17 +15,17 @@ from pop.runtime.sampling import Sampler
 @pytest.mark.parametrize("layers,keep", [(32, 22), (36, 24), (48, 32), (18, 12), (30, 20), (6, 4)])
 def test_default_prunes_the_last_third_rounded_down(layers, keep):
     # the paper: Llama-3.1-8B prunes 10 of 32, Qwen3-VL-8B layers 25-36 of 36
-    assert kept_layers(layers) == keep
+    assert prefill_layers_for(layers) == keep
 
 
 def test_prune_ratio_and_explicit_k():
-    assert kept_layers(32, prune_ratio=0.25) == 24
-    assert kept_layers(32, prune_ratio=0.0) == 32
-    assert kept_layers(32, prefill_layers=7) == 7
+    assert prefill_layers_for(32, prune_ratio=0.25) == 24
+    assert prefill_layers_for(32, prune_ratio=0.0) == 32
+    assert prefill_layers_for(32, prefill_layers=7) == 7
     with pytest.raises(PopError, match="1..32"):
-        kept_layers(32, prefill_layers=33)
+        prefill_layers_for(32, prefill_layers=33)
     with pytest.raises(PopError, match=r"\[0, 1\)"):
-        kept_layers(32, prune_ratio=1.0)
+        prefill_layers_for(32, prune_ratio=1.0)
 
 
 def test_unsupported_architecture_lists_the_supported():
@@ -88,19 +88,36 @@ def test_kv_buffer_views_stay_contiguous():
     assert kv.block(2, 1, 0, 0).shape == (0, 2, 2, 4)
 
 
-def test_manifest_round_trip(tmp_path):
-    body = {k: {} for k in manifest.REQUIRED if k not in ("format", "schema_version")}
-    body["graphs"] = {"g": {"file": "g.onnx"}}
-    body["weights"] = {"file": "w.bin", "bytes": 3}
-    body["tokenizer"] = {"file": "t.json"}
-    for f, data in (("g.onnx", b"x"), ("w.bin", b"abc"), ("t.json", b"{}")):
-        (tmp_path / f).write_bytes(data)
-    manifest.write(tmp_path, body)
-    loaded = manifest.load(tmp_path)
-    assert loaded["schema_version"] == manifest.SCHEMA_VERSION and loaded["graphs"] == body["graphs"]
-    (tmp_path / "w.bin").write_bytes(b"ab")
+def test_manifest_round_trip(exports, tmp_path):
+    """A real manifest survives load -> save -> load as the same tree and the same JSON; the checks refuse
+    what a runtime would misread."""
+    import json
+    import shutil
+    src = exports("tiny-llama")
+    art = tmp_path / "art"
+    shutil.copytree(src, art)
+    loaded = manifest.Manifest.load(art)
+    assert loaded.pop.prefill_layers == 4 and loaded.graphs["decode"].output("logits").shape[-1] == loaded.vocab_size
+    assert loaded.verification.passed and loaded.memory.kv_buffer_bytes > 0
+    loaded.save(art)
+    assert json.loads((art / manifest.FILE).read_text()) == json.loads((src / manifest.FILE).read_text())
+    assert manifest.Manifest.load(art) == loaded
+
+    def broken(change, needle):
+        data = json.loads((src / manifest.FILE).read_text())
+        change(data)
+        (art / manifest.FILE).write_text(json.dumps(data))
+        with pytest.raises(PopError, match=needle):
+            manifest.Manifest.load(art)
+    broken(lambda d: d.pop("kv_cache"), "missing fields: kv_cache")
+    broken(lambda d: d["pop"].update(prefill_layers="four"), "prefill_layers should be int")
+    broken(lambda d: d["graphs"]["decode"].pop("file"), "decode is missing fields: file")
+    broken(lambda d: d.update(schema_version=99), "schema version 99")
+    broken(lambda d: d.update(format="other"), "not a pop manifest")
+    (art / manifest.FILE).write_text((src / manifest.FILE).read_text())
+    (art / "weights.bin").write_bytes(b"ab")
     with pytest.raises(PopError, match="corrupt or mismatched"):
-        manifest.load(tmp_path)
+        manifest.Manifest.load(art)
 
 
 def test_local_hf_folder(tmp_path):
@@ -113,3 +130,18 @@ def test_local_hf_folder(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(PopError, match="no config.json"):
         sources.load(str(tmp_path))
+
+
+def test_export_flags_build_the_options():
+    from pop.cli.export import options
+    o = options(["--model", "tiny-llama", "--format", "aoti", "--prefill-layers", "3", "--kv-heads", "fitted",
+                 "--calib", "c.txt", "--ridge", "0.1"])
+    assert (o.model, o.format, o.prefill_layers, o.kv_heads, o.calib, o.ridge) == \
+        ("tiny-llama", "aoti", 3, "fitted", "c.txt", "0.1")
+    assert o.command == "pop-export --model tiny-llama --format aoti --prefill-layers 3 --kv-heads fitted " \
+                        "--calib c.txt --ridge 0.1"
+    assert options(["--model", "m"]).format == "onnx"
+    # the flag's old name still works, and cannot contradict the new one
+    assert options(["--model", "m", "--backend", "trt"]).format == "trt"
+    with pytest.raises(SystemExit):
+        options(["--model", "m", "--backend", "trt", "--format", "onnx"])

@@ -5,6 +5,8 @@ generate's, fed by HF's own processor; pruned, every graph must match the
 PyTorch POP reference (the export's verification) and greedy POP must equal
 the reference's.  Images have different sizes, so Qwen3-VL sees several grids.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,16 +80,16 @@ def test_pruned_graphs_match_the_pop_reference(name, exports, hf_models):
     included) against the reference within 1e-4 x scale; greedy POP tokens
     with images must also equal the reference's."""
     session = PopSession.load(exports(name))
-    report = session.manifest["verification"]
+    report = json.loads((exports(name) / "pop_manifest.json").read_text())["verification"]
     assert report["passed"] and report["image_tokens"] > 0
     for what in ("vision", "prefill_kv", "boundary_logits", "full_logits", "full_kv"):
         assert report[f"{what}_max_abs"] <= 1e-4 * max(1.0, report[f"{what}_scale"]), (what, report)
     m = session.manifest
-    assert set(m["graphs"]) == {"vision", "prefill", "decode"}
+    assert set(m.graphs) == {"vision", "prefill", "decode"}
     # one weights file for all three graphs, each weight once (vision tower included)
-    assert m["weights"]["stored_bytes"] <= m["model"]["parameter_bytes"] < m["weights"]["referenced_bytes"]
-    keep = session.manifest["pop"]["prefill_layers"]
-    assert keep < session.manifest["pop"]["num_layers"]
+    assert m.weights.stored_bytes <= m.model.parameter_bytes < m.weights.referenced_bytes
+    keep = m.pop.prefill_layers
+    assert keep < m.pop.num_layers
     loaded = hf_models(name)
     images = [picture(64, 64, 0), picture(40, 96, 1)]
     text = session.chat_prompt("What differs?", len(images))
@@ -99,11 +101,13 @@ def test_pruned_graphs_match_the_pop_reference(name, exports, hf_models):
 def test_deepstack_layers_are_kept(exports):
     """Qwen3-VL adds visual features after LLM layers 0..n-1: K must keep them."""
     from pop.exporter.export import export
+    from pop.exporter.options import ExportOptions
     manifest = PopSession.load(exports("tiny-qwen3-vl")).manifest
-    deep = manifest["vision"]["deepstack_layers"]
-    assert deep == 2 and manifest["pop"]["prefill_layers"] > deep
+    deep = manifest.vision.deepstack_layers
+    assert deep == 2 and manifest.pop.prefill_layers > deep
     with pytest.raises(PopError, match="DeepStack"):
-        export("tiny-qwen3-vl", "/nonexistent/never-written", prefill_layers=deep, progress=lambda m: None)
+        export(ExportOptions("tiny-qwen3-vl", "/nonexistent/never-written", prefill_layers=deep),
+               progress=lambda m: None)
 
 
 def test_batched_requests_with_images_match_one_by_one(exports):
@@ -137,7 +141,6 @@ def test_generate_cli_with_an_image(exports, tmp_path):
     out = cli("pop-generate", exports("tiny-qwen3-vl"), "--prompt", "Describe the image.", "--image", path,
               "--max-new-tokens", 4, "--json")
     assert out.returncode == 0, out.stderr
-    import json
     result = json.loads(out.stdout)
     assert len(result["output_ids"]) >= 1 and result["vision_ms"] > 0
 
@@ -149,6 +152,7 @@ def test_export_from_a_hub_style_folder(name, exports, tmp_path):
     torchvision) exports to the same graphs as the preset."""
     from pop.exporter import tiny
     from pop.exporter.export import export
+    from pop.exporter.options import ExportOptions
     model, tok, processor = tiny.build(name)
     folder = tmp_path / f"{name}-hub"
     model.save_pretrained(folder)
@@ -160,10 +164,10 @@ def test_export_from_a_hub_style_folder(name, exports, tmp_path):
             '{"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor"}')
     else:
         processor.save_pretrained(folder)
-    out, manifest = export(str(folder), tmp_path / "out", progress=lambda m: None)
-    assert manifest["verification"]["passed"] and manifest["model"]["source"]["kind"] == "dir"
+    out, manifest = export(ExportOptions(str(folder), tmp_path / "out"), progress=lambda m: None)
+    assert manifest.verification.passed and manifest.model.source["kind"] == "dir"
     preset = PopSession.load(exports(name))
-    assert manifest["vision"] == preset.manifest["vision"]
+    assert manifest.vision == preset.manifest.vision
     images = [picture(70, 45, 0)]
     text = preset.chat_prompt("Describe the image.", 1)
     ours = PopSession.load(out).generate(text, NEW, images=[images], stop_at_eos=False).output_ids

@@ -14,8 +14,11 @@ def supported() -> list[str]:
     return sorted(ADAPTERS)
 
 
+def adapter_class(architecture):
+    if architecture not in ADAPTERS:
+        raise PopError(f"unsupported architecture {architecture}; supported: {', '.join(supported())}")
+    return ADAPTERS[architecture]
+
+
 def adapter_for(hf_model):
-    arch = type(hf_model).__name__
-    if arch not in ADAPTERS:
-        raise PopError(f"unsupported architecture {arch}; supported: {', '.join(supported())}")
-    return ADAPTERS[arch](hf_model)
+    return adapter_class(type(hf_model).__name__)(hf_model)

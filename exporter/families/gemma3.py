@@ -6,6 +6,8 @@ from .llama import LlamaAdapter
 
 class Gemma3Adapter(LlamaAdapter):
     architectures = ("Gemma3ForCausalLM",)
+    fp16_warning = ("Gemma-3 was trained in bf16 and its activations outgrow fp16's range; fp16 graphs may lose "
+                    "accuracy (verification will say): prefer --dtype bf16 on a GPU, or fp32")
 
     def attn_scale(self, layer):
         return float(self.cfg.query_pre_attn_scalar) ** -0.5

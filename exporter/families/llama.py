@@ -25,6 +25,7 @@ class LlamaAdapter:
     image_inputs = False  # vision features scattered into the token embeddings
     deepstack_layers = 0  # visual features added after layers 0..n-1 (Qwen3-VL)
     bidirectional_images = False  # an image's tokens attend to each other (Gemma-3)
+    fp16_warning = None  # said when a user exports this family in fp16, where it loses range
 
     def __init__(self, hf_model):
         self.hf = hf_model
@@ -34,6 +35,29 @@ class LlamaAdapter:
         self.num_heads = self.cfg.num_attention_heads
         self.num_kv_heads = self.cfg.num_key_value_heads
         self.head_dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.num_heads
+
+    @staticmethod
+    def load_processor(path):
+        """A VLM's HF processor (images, placeholders, chat template) from its folder."""
+        from transformers import AutoProcessor
+        from pop.runtime.errors import PopError
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (ImportError, ValueError, AttributeError, OSError):
+            processor = None
+        if not hasattr(processor, "image_processor"):
+            raise PopError(f"{path}: its image processor cannot be loaded (preprocessor_config.json)")
+        return processor
+
+    def reference_image_features(self, images: dict) -> dict:
+        """HF's own features of a processor's images, by the vision graph's output names: the
+        reference the exported vision graph is verified against."""
+        import torch
+        with torch.no_grad():
+            ref = self.hf.model.get_image_features(**images, return_dict=True)
+        embeds = ref.pooler_output
+        embeds = torch.cat(embeds) if isinstance(embeds, (tuple, list)) else embeds
+        return {"image_embeds": embeds.reshape(-1, embeds.shape[-1]).float().numpy()}
 
     @staticmethod
     def text_parts(hf_model):

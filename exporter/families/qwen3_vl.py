@@ -13,6 +13,7 @@ image with `cu_seqlens`: neither traces.  The runtime computes the tables
 (pop.runtime.vision.qwen3_vl) and the graph keeps images apart with a
 block-diagonal mask built from one patch -> image index.
 """
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +36,38 @@ class Qwen3VLAdapter(Qwen3Adapter):
 
     def vision_graph(self):
         return Qwen3VLVision(self.hf.model.visual)
+
+    @staticmethod
+    def load_processor(path):
+        """HF's processor, or without its video half when that cannot load (its video processor
+        needs torchvision, which pop does not install)."""
+        import json
+        from pathlib import Path
+
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (ImportError, ValueError, AttributeError, OSError):
+            processor = None
+        if hasattr(processor, "image_processor"):
+            return processor
+        template = None
+        for name in ("chat_template.jinja", "chat_template.json"):
+            f = Path(path) / name
+            if f.is_file():
+                text = f.read_text()
+                template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+        return image_only_processor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                                    template)
+
+    def reference_image_features(self, images):
+        """HF's merged image embeddings, and its DeepStack features."""
+        with torch.no_grad():
+            ref = self.hf.model.get_image_features(**images, return_dict=True)
+        out = {"image_embeds": torch.cat(ref.pooler_output).float().numpy()}
+        out["deepstack_embeds"] = np.stack([torch.cat(f).float().numpy() for f in ref.deepstack_features])
+        return out
 
     def vision_spec(self, processor):
         """What a runtime needs to turn images into the vision graph's inputs (pop.runtime.vision.qwen3_vl)."""
@@ -82,17 +115,19 @@ class Qwen3VLVision(nn.Module):
         super().__init__()
         self.visual = visual
 
-    def sample(self, grids=((1, 4, 6), (1, 2, 2))):
-        """Trace inputs for the given (t, h, w) patch grids."""
-        from pop.runtime.vision.qwen3_vl import Qwen3VLImages
+    def sample(self, patches=28, images=2):
+        """Trace inputs of the right shapes and ranges; verification then feeds the runtime's real tables
+        (pop.runtime.vision.qwen3_vl) at other sizes."""
         cfg = self.visual.config
-        tables = Qwen3VLImages({"patch_size": cfg.patch_size, "merge_size": cfg.spatial_merge_size,
-                                "temporal_patch_size": cfg.temporal_patch_size,
-                                "num_grid_per_side": int(cfg.num_position_embeddings ** 0.5)}).vision_inputs(grids)
-        patches = sum(t * h * w for t, h, w in grids)
+        g = torch.Generator().manual_seed(0)
         width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-        pixels = torch.randn(patches, width, dtype=self.visual.patch_embed.proj.weight.dtype)
-        return (pixels, *(torch.from_numpy(tables[n]) for n in self.input_names[1:]))
+        side = int(cfg.num_position_embeddings ** 0.5)
+        pixels = torch.randn(patches, width, generator=g, dtype=self.visual.patch_embed.proj.weight.dtype)
+        pos_index = torch.randint(0, side * side, (patches, 4), generator=g)
+        pos_weight = torch.rand(patches, 4, generator=g)
+        rope_pos = torch.randint(0, side, (patches, 2), generator=g)
+        patch_image = torch.arange(patches) * images // patches  # images in order, as the runtime lays them
+        return pixels, pos_index, pos_weight, rope_pos, patch_image
 
     def _attention(self, block, x, cos, sin, same_image):
         attn = block.attn

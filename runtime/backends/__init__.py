@@ -9,8 +9,8 @@ graph's GPU time in ms (CUDA events), or None on the CPU.
 
     ort       ONNX Runtime on the CPU (the default; pip install .[cpu])
     ort-cuda  ONNX Runtime's CUDA provider (pip install .[gpu])
-    trt       TensorRT engines built by pop-export --backend trt (pip install .[trt])
-    aoti      AOTInductor packages built by pop-export --backend aoti (torch only; CPU or CUDA,
+    trt       TensorRT engines built by pop-export --format trt (pip install .[trt])
+    aoti      AOTInductor packages built by pop-export --format aoti (torch only; CPU or CUDA,
               whichever they were compiled for)
 
 None picks the artifacts' own: aoti for AOTInductor packages, ort for ONNX graphs.
@@ -20,16 +20,11 @@ from ..errors import PopError
 BACKENDS = ("ort", "ort-cuda", "trt", "aoti")
 
 
-def graph_format(manifest):
-    """"aoti" or "onnx": what every graph of these artifacts is (a manifest without the key is ONNX)."""
-    return "aoti" if any(g.get("format") == "aoti" for g in manifest["graphs"].values()) else "onnx"
-
-
 def open_backend(name, directory, manifest, threads=None, prepack=False):
     if name is None:
-        name = "aoti" if graph_format(manifest) == "aoti" else "ort"
-    if (name == "aoti") != (graph_format(manifest) == "aoti"):
-        raise PopError(f"these artifacts hold {graph_format(manifest).upper()} graphs, which --backend {name} "
+        name = "aoti" if manifest.graph_format == "aoti" else "ort"
+    if (name == "aoti") != (manifest.graph_format == "aoti"):
+        raise PopError(f"these artifacts hold {manifest.graph_format.upper()} graphs, which --backend {name} "
                        f"cannot run: use " + ("--backend aoti" if name != "aoti" else "ort, ort-cuda or trt"))
     if name == "aoti":
         from .aoti import AotiBackend

@@ -1,4 +1,4 @@
-"""AOTInductor packages (pop-export --backend aoti), run through torch's package loader.
+"""AOTInductor packages (pop-export --format aoti), run through torch's package loader.
 
 Weights: the packages hold code only.  weights.bin is memory-mapped once and
 each tensor of the manifest's `weights.tensors` index becomes one torch tensor
@@ -34,17 +34,17 @@ def _torch():
 def load_weights(directory, manifest, device="cpu"):
     """{name: tensor} over the memory-mapped weights.bin (copied once to the GPU for CUDA)."""
     torch = _torch()
-    path = Path(directory) / manifest["weights"]["file"]
-    index = manifest["weights"].get("tensors")
+    path = Path(directory) / manifest.weights.file
+    index = manifest.weights.tensors
     if not index:
         raise PopError(f"{path.name} has no tensor index in the manifest (weights.tensors): not an AOTI export")
     raw = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)  # mmap, private
     out = {}
     for t in index:
-        if t["offset"] + t["bytes"] > raw.numel() or t["dtype"] not in DTYPES:
-            raise PopError(f"{path.name} does not hold {t['name']} where the manifest says: corrupt artifacts")
-        value = raw[t["offset"]:t["offset"] + t["bytes"]].view(getattr(torch, t["dtype"])).reshape(t["shape"])
-        out[t["name"]] = value if device == "cpu" else value.to(device)
+        if t.offset + t.bytes > raw.numel() or t.dtype not in DTYPES:
+            raise PopError(f"{path.name} does not hold {t.name} where the manifest says: corrupt artifacts")
+        value = raw[t.offset:t.offset + t.bytes].view(getattr(torch, t.dtype)).reshape(t.shape)
+        out[t.name] = value if device == "cpu" else value.to(device)
     return out
 
 
@@ -52,14 +52,14 @@ class AotiBackend:
     def __init__(self, directory, manifest, threads=None):
         torch = _torch()
         directory = Path(directory)
-        devices = {g.get("device", "cpu") for g in manifest["graphs"].values()}
+        devices = {g.device or "cpu" for g in manifest.graphs.values()}
         self.device = devices.pop() if len(devices) == 1 else None
         if self.device not in ("cpu", "cuda"):
             raise PopError(f"these AOTI packages are for {sorted(devices)}: one device, cpu or cuda, is supported")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise PopError("these AOTI packages were compiled for CUDA, and torch sees no GPU here: "
-                           "re-export with --backend aoti on this machine for the CPU")
-        versions = {g.get("torch") for g in manifest["graphs"].values()} - {None}
+                           "re-export with --format aoti on this machine for the CPU")
+        versions = {g.torch for g in manifest.graphs.values()} - {None}
         if versions and versions != {torch.__version__}:
             raise PopError(f"these AOTI packages were compiled with torch {versions.pop()}, this is torch "
                            f"{torch.__version__}: AOTInductor packages run only with the torch that built them")
@@ -70,22 +70,22 @@ class AotiBackend:
         self.weights = load_weights(directory, manifest, self.device)
         from torch._C._aoti import AOTIModelPackageLoader
         self.loaders, self._inputs, self._outputs = {}, {}, {}
-        for graph, spec in manifest["graphs"].items():
-            path = directory / spec["file"]
+        for graph, spec in manifest.graphs.items():
+            path = directory / spec.file
             try:
                 loader = AOTIModelPackageLoader(str(path), "model", False, 1, -1)
                 wanted = loader.get_constant_fqns()
                 missing = [n for n in wanted if n not in self.weights]
                 if missing:
-                    raise PopError(f"{spec['file']} needs {missing[0]}, which weights.bin does not index")
+                    raise PopError(f"{spec.file} needs {missing[0]}, which weights.bin does not index")
                 loader.load_constants({n: self.weights[n] for n in wanted}, False, True, True)
             except PopError:
                 raise
             except Exception as e:  # the loader raises RuntimeError for a corrupt or foreign package
-                raise PopError(f"{spec['file']} cannot be loaded by AOTInductor: {str(e).strip().splitlines()[0]}") from None
+                raise PopError(f"{spec.file} cannot be loaded by AOTInductor: {str(e).strip().splitlines()[0]}") from None
             self.loaders[graph] = loader
-            self._inputs[graph] = [i["name"] for i in spec["inputs"]]
-            self._outputs[graph] = [o["name"] for o in spec["outputs"]]
+            self._inputs[graph] = [i.name for i in spec.inputs]
+            self._outputs[graph] = [o.name for o in spec.outputs]
 
     def zeros(self, shape, dtype):
         # The KV buffer: host numpy on the CPU.  On CUDA it stays on the host too for now

@@ -75,12 +75,12 @@ def element_type(dtype):
 class OrtBackend:
     def __init__(self, directory, manifest, threads=None, prepack=False, device="cpu"):
         directory = Path(directory)
-        if device == "cpu" and manifest["dtype"] == "bfloat16":
+        if device == "cpu" and manifest.dtype == "bfloat16":
             raise PopError("bf16 artifacts run on the GPU backends (--backend ort-cuda or trt): "
                            "ONNX Runtime's CPU provider has no bf16 kernels")
         self.device = device
         self.name = "ort" if device == "cpu" else "ort-cuda"
-        self.weights_file = directory / manifest["weights"]["file"]
+        self.weights_file = directory / manifest.weights.file
         self._mmap = np.memmap(self.weights_file, dtype=np.uint8, mode="r")
         self._values = {}  # (offset, length, type, shape) -> OrtValue, one per distinct tensor
         self.sessions, self._bindings = {}, {}
@@ -99,21 +99,21 @@ class OrtBackend:
             self.zeros = np.zeros
             provider = "CPUExecutionProvider"
             providers = [provider]
-        for graph, spec in manifest["graphs"].items():
+        for graph, spec in manifest.graphs.items():
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.intra_op_num_threads = threads or 0
             opts.inter_op_num_threads = 1
             if not prepack:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
-            for name, location, offset, length, elem, shape in _external_initializers(directory / spec["file"]):
-                if location != manifest["weights"]["file"]:
-                    raise PopError(f"{spec['file']} points at {location}, not the manifest's weights file")
+            for name, location, offset, length, elem, shape in _external_initializers(directory / spec.file):
+                if location != manifest.weights.file:
+                    raise PopError(f"{spec.file} points at {location}, not the manifest's weights file")
                 opts.add_initializer(name, self._value(offset, length, elem, shape))
             try:
-                sess = ort.InferenceSession(str(directory / spec["file"]), opts, providers=providers)
+                sess = ort.InferenceSession(str(directory / spec.file), opts, providers=providers)
             except Exception as e:  # ORT raises its own exception types for corrupt graphs
-                raise PopError(f"{spec['file']} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0]}") from None
+                raise PopError(f"{spec.file} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0]}") from None
             require_provider(sess, graph, provider)
             self.sessions[graph] = sess
             self._bindings[graph] = sess.io_binding()

@@ -31,14 +31,14 @@ ALIGNMENT = 256
 
 def check_engine(graph, entry, tensorrt_version, gpu):
     """PopError unless the engine recorded in the manifest fits this TensorRT and GPU."""
-    if entry.get("tensorrt") != tensorrt_version:
-        raise PopError(f"{entry.get('file', graph)} was built by TensorRT {entry.get('tensorrt')}; this machine has "
-                       f"TensorRT {tensorrt_version}, which cannot load it: rebuild with pop-export --backend trt here")
-    built = entry.get("gpu") or {}
+    if entry.tensorrt != tensorrt_version:
+        raise PopError(f"{entry.file} was built by TensorRT {entry.tensorrt}; this machine has "
+                       f"TensorRT {tensorrt_version}, which cannot load it: rebuild with pop-export --format trt here")
+    built = entry.gpu or {}
     if (built.get("name"), built.get("compute_capability")) != (gpu["name"], gpu["compute_capability"]):
-        raise PopError(f"{entry.get('file', graph)} was built for {built.get('name')} (compute capability "
+        raise PopError(f"{entry.file} was built for {built.get('name')} (compute capability "
                        f"{built.get('compute_capability')}); this GPU is {gpu['name']} ({gpu['compute_capability']}): "
-                       f"rebuild with pop-export --backend trt here")
+                       f"rebuild with pop-export --format trt here")
 
 
 def _tensorrt():
@@ -56,15 +56,15 @@ class TrtBackend:
 
     def __init__(self, directory, manifest, threads=None, prepack=False):
         directory = Path(directory)
-        engines = manifest.get("engines") or {}
-        missing = [g for g in manifest["graphs"] if g not in engines]
+        engines = manifest.engines
+        missing = [g for g in manifest.graphs if g not in engines]
         if missing:
             raise PopError(f"these artifacts have no TensorRT engine for {', '.join(missing)}: "
-                           f"export with --backend trt on a machine with an NVIDIA GPU")
+                           f"export with --format trt on a machine with an NVIDIA GPU")
         trt = _tensorrt()
         cuda.runtime()
         gpu = cuda.device_info()
-        for graph in manifest["graphs"]:
+        for graph in manifest.graphs:
             check_engine(graph, engines[graph], trt.__version__, gpu)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -72,15 +72,15 @@ class TrtBackend:
         self.staging = cuda.Staging()
         self.zeros = cuda.zeros
         self.engines, self.contexts = {}, {}
-        for graph in manifest["graphs"]:
-            path = directory / engines[graph]["file"]
+        for graph in manifest.graphs:
+            path = directory / engines[graph].file
             if not path.is_file():
                 raise PopError(f"{path} is missing: the artifact folder is incomplete")
             engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise PopError(f"TensorRT could not deserialize {path.name}: corrupt, or built for another version")
             self.engines[graph], self.contexts[graph] = engine, engine.create_execution_context()
-        self.max_batch = engines["decode"].get("profile", {}).get("batch", [None, None, None])[2]
+        self.max_batch = engines["decode"].profile.get("batch", [None, None, None])[2]
 
     def _bind(self, ctx, name, array, graph, before, after, is_input):
         """Sets name's address; host arrays and unaligned views go through staging."""

@@ -2,7 +2,8 @@
 
 Each family's class ports the Hugging Face transformers PIL-backend processor, so
 the exported graphs see exactly the tensors HF would give them. The classes take the
-manifest's `vision` spec (a dict, keys listed in each module's docstring); the keys
+manifest's `vision` section (pop.runtime.manifest.Vision; the fields each family reads are
+listed in its module's docstring); the fields
 every family shares:
     family          "qwen3_vl" | "gemma3"
     image_token     the placeholder a prompt holds for each image
@@ -18,13 +19,13 @@ RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BI
             "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 
 
-def processor_for(spec: dict):
-    """The preprocessing class of spec["family"]."""
+def processor_for(spec):
+    """The preprocessing class of spec.family."""
     # Imported here so that the family modules can use this module's helpers.
     from .gemma3 import Gemma3Images
     from .qwen3_vl import Qwen3VLImages
     classes = {"qwen3_vl": Qwen3VLImages, "gemma3": Gemma3Images}
-    family = spec.get("family")
+    family = spec.family
     if family not in classes:
         raise PopError(f"unknown vision family {family!r} in the manifest (known: {', '.join(classes)})")
     return classes[family](spec)
@@ -52,21 +53,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resample_filter(spec: dict):
-    """The PIL filter named by spec["resample"]."""
-    name = spec["resample"]
+def resample_filter(spec):
+    """The PIL filter named by spec.resample."""
+    name = spec.resample
     if name not in RESAMPLE:
         raise PopError(f"unknown resample filter {name!r} in the manifest (known: {', '.join(RESAMPLE)})")
     return RESAMPLE[name]
 
 
-def resized_normalized(image: Image.Image, height: int, width: int, spec: dict) -> np.ndarray:
+def resized_normalized(image: Image.Image, height: int, width: int, spec) -> np.ndarray:
     """Resize, rescale and normalize one image -> float32 [3, height, width], as HF's PilBackend."""
     resized = np.asarray(to_rgb(image).resize((width, height), resample=resample_filter(spec)))
     # HF rescales in float64 and only then drops to float32; normalizing is float32.
-    scaled = (resized.astype(np.float64) * spec["rescale_factor"]).astype(np.float32)
-    mean = np.asarray(spec["image_mean"], dtype=np.float32)
-    std = np.asarray(spec["image_std"], dtype=np.float32)
+    scaled = (resized.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    mean = np.asarray(spec.image_mean, dtype=np.float32)
+    std = np.asarray(spec.image_std, dtype=np.float32)
     return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
 
 

@@ -40,11 +40,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 class Qwen3VLImages:
-    def __init__(self, spec: dict):
+    def __init__(self, spec):
         self.spec = spec
-        self.patch = spec["patch_size"]
-        self.merge = spec["merge_size"]
-        self.temporal = spec["temporal_patch_size"]
+        self.patch = spec.patch_size
+        self.merge = spec.merge_size
+        self.temporal = spec.temporal_patch_size
 
     # ---- one request ------------------------------------------------------------------------
 
@@ -57,6 +57,15 @@ class Qwen3VLImages:
             expanded.append(self.expand(text, grids[start:start + len(row)]))
             start += len(row)
         return expanded, {"pixel_values": patches, **self.vision_inputs(grids)}, grids
+
+    def from_pixels(self, pixel_values, grids):
+        """(vision graph inputs, state) for patches already made, by HF's processor for example."""
+        grids = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+        return {"pixel_values": pixel_values, **self.vision_inputs(grids)}, grids
+
+    def encoder_patches(self, image) -> int:
+        """Patches the vision tower sees for one image (for pop-bench's cost model)."""
+        return int(np.prod(self.pixels([image])[1][0]))
 
     def image_tokens(self, grids) -> int:
         return int(sum(self.tokens_per_image(g) for g in grids))
@@ -72,7 +81,7 @@ class Qwen3VLImages:
         for image in images:
             image = load_image(image)
             height, width = smart_resize(image.height, image.width, self.patch * self.merge,
-                                         self.spec["min_pixels"], self.spec["max_pixels"])
+                                         self.spec.min_pixels, self.spec.max_pixels)
             flat, grid_h, grid_w = self._patchify(resized_normalized(image, height, width, self.spec))
             patches.append(flat)
             grids.append([1, grid_h, grid_w])
@@ -119,7 +128,7 @@ class Qwen3VLImages:
         return row, col, heights, widths
 
     def _interpolation(self, grids: np.ndarray):
-        side = self.spec["num_grid_per_side"]
+        side = self.spec.num_grid_per_side
         row, col, heights, widths = self._patch_rows_cols(grids)
         h_taps, h_weights = _bilinear_taps(row, heights, side)
         w_taps, w_weights = _bilinear_taps(col, widths, side)
@@ -143,10 +152,10 @@ class Qwen3VLImages:
 
     def expand(self, text: str, grids) -> str:
         """Each image placeholder -> as many image tokens as the image has merged patches (in order)."""
-        pieces = split_placeholders(text, self.spec["image_token"], len(grids))
+        pieces = split_placeholders(text, self.spec.image_token, len(grids))
         out = [pieces[0]]
         for grid, piece in zip(grids, pieces[1:]):
-            out += [self.spec["image_token"] * self.tokens_per_image(grid), piece]
+            out += [self.spec.image_token * self.tokens_per_image(grid), piece]
         return "".join(out)
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, grids):
@@ -177,7 +186,7 @@ class Qwen3VLImages:
     def _row_positions(self, ids: np.ndarray, grids) -> np.ndarray:
         """[3, n] positions of one unpadded row: text counts up, each image run is a (t, h, w) grid."""
         chunks, current = [np.zeros((3, 0), dtype=np.int64)], 0
-        for start, end, is_image in _runs(ids == self.spec["image_token_id"]):
+        for start, end, is_image in _runs(ids == self.spec.image_token_id):
             if not is_image:
                 chunks.append(np.broadcast_to(np.arange(end - start) + current, (3, end - start)))
                 current += end - start

@@ -1,4 +1,4 @@
-// AOTInductor packages (pop-export --backend aoti) through torch's AOTIModelPackageLoader.
+// AOTInductor packages (pop-export --format aoti) through torch's AOTIModelPackageLoader.
 //
 // weights.bin is memory-mapped once; every tensor in the manifest's index becomes an
 // at::Tensor over those bytes and goes to both packages with load_constants(user_managed),

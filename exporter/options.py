@@ -1,0 +1,66 @@
+"""ExportOptions: everything a user chooses about an export, built by pop-export or by Python callers."""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pop.runtime.errors import PopError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_MAX_SEQ_LEN = 4096
+KV_HEADS = ("original", "fitted")
+
+
+@dataclass
+class ExportOptions:
+    model: str  # a preset, a local HF folder, a .gguf file, or a hub id in the local HF cache
+    out: Path | str | None = None  # default: artifacts/<model>-<format>-pop
+    format: str = "onnx"  # an artifact format (exporter/formats): onnx, trt or aoti
+    prefill_layers: int | None = None  # K; default: prune the last third, rounded down
+    prune_ratio: float | None = None
+    dtype: str = "fp32"  # a key of DTYPES
+    max_seq_len: int | None = None  # default: min(4096, the model's limit)
+    max_batch: int = 8  # the largest batch of TensorRT profiles
+    threads: int | None = None  # ONNX Runtime threads for verification
+    skip_verify: bool = False
+    kv_heads: str = "original"  # or "fitted": refit the pruned layers' K/V matrices on `calib`
+    calib: Path | str | None = None
+    calib_tokens: int | None = None
+    ridge: str | float = "auto"
+    command: str | None = None  # as typed, for the manifest's provenance
+
+    def check(self):
+        """One-line errors for everything that can be judged before a model loads.
+        Returns the calibration text and its sha256 for fitted heads, else None."""
+        from . import fitted_heads
+        from .formats import format_for
+        calib = fitted_heads.check_options(self.kv_heads, self.calib, self.calib_tokens, self.ridge)
+        format_for(self.format)
+        if self.dtype not in DTYPES:
+            raise PopError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.prefill_layers is not None and self.prune_ratio is not None:
+            raise PopError("give --prefill-layers or --prune-ratio, not both")
+        # ONNX Runtime's CPU provider has no bf16 kernels, so such graphs can only be
+        # checked where a GPU backend runs them.
+        if self.dtype == "bf16" and not self.skip_verify:
+            raise PopError("bf16 graphs cannot run on ONNX Runtime's CPU provider, so they cannot be verified here; "
+                           "use fp32 or fp16, or add --skip-verify to write them for a GPU backend")
+        return calib
+
+    @property
+    def torch_dtype(self) -> str:
+        return DTYPES[self.dtype]
+
+
+def prefill_layers_for(num_layers, prefill_layers=None, prune_ratio=None):
+    """K, the layers prefill runs.  The default prunes the last third, rounded
+    down as the paper does (Llama-3.1-8B: 10 of 32 pruned, K = 22)."""
+    if prefill_layers is not None and prune_ratio is not None:
+        raise PopError("give --prefill-layers or --prune-ratio, not both")
+    if prefill_layers is None:
+        ratio = 1 / 3 if prune_ratio is None else prune_ratio
+        if not 0 <= ratio < 1:
+            raise PopError(f"--prune-ratio must be in [0, 1), got {ratio}")
+        prefill_layers = num_layers - math.floor(ratio * num_layers + 1e-9)
+    if not 1 <= prefill_layers <= num_layers:
+        raise PopError(f"--prefill-layers must be in 1..{num_layers} for this model, got {prefill_layers}")
+    return prefill_layers
