@@ -27,6 +27,7 @@ from conftest import BIN, EXCERPTS, cli
 CALIB = " ".join(p["text"] for p in EXCERPTS[:-2])  # byte tokens: ~3000, eleven sequences
 HELD = " ".join(p["text"] for p in EXCERPTS[-2:])  # never seen by the fit
 KEEP = 3
+EXPORT_K = 4  # the exports use the default K, so the original-heads export is the shared one
 
 
 def _calibrate(model, tok, keep=KEEP, ridge="auto"):
@@ -154,7 +155,7 @@ def fitted_export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fitted")
     calib = folder / "calib.txt"
     calib.write_text(CALIB)
-    out, _ = export(ExportOptions("tiny-gemma3", folder / "art", prefill_layers=KEEP, kv_heads="fitted", calib=calib),
+    out, _ = export(ExportOptions("tiny-gemma3", folder / "art", prefill_layers=EXPORT_K, kv_heads="fitted", calib=calib),
                     progress=lambda m: None)
     return out, json.loads((out / "pop_manifest.json").read_text()), calib
 
@@ -180,7 +181,7 @@ def test_fitted_export_manifest_and_verification(fitted_export):
     assert section["kind"] == "fitted" and section["graph"] == "prefill"
     assert section["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
     assert 0 < section["calibration"]["heldout_tokens"] < section["calibration"]["tokens"]
-    assert [r["index"] for r in section["layers"]] == list(range(KEEP, 6))
+    assert [r["index"] for r in section["layers"]] == list(range(EXPORT_K, 6))
     for row in section["layers"]:
         for kind in fh.KINDS:
             assert row[kind]["heldout_rel_error"] <= row[kind]["original_rel_error"] + 1e-12
@@ -210,22 +211,22 @@ def _run(directory, ids, n):
 
 def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, exports, hf_models):
     fitted_dir, manifest, _ = fitted_export
-    original_dir = exports("tiny-gemma3", KEEP)
+    original_dir = exports("tiny-gemma3")
     ids = np.array([[1, *tiny.build("tiny-gemma3")[1](HELD, add_special_tokens=False).input_ids[:29]]])
     n = ids.shape[1]
     pf, kv_f, _, backend_f, names = _run(fitted_dir, ids, n)
     po, _, _, backend_o, _ = _run(original_dir, ids, n)
     # prefill: kept layers identical, pruned layers (past the first, self-fed one) differ
-    np.testing.assert_array_equal(pf[:KEEP, :, :n - 1], po[:KEEP, :, :n - 1])
-    assert np.abs(pf[KEEP + 1:, :, :n - 1] - po[KEEP + 1:, :, :n - 1]).max() > 1e-3
+    np.testing.assert_array_equal(pf[:EXPORT_K, :, :n - 1], po[:EXPORT_K, :, :n - 1])
+    assert np.abs(pf[EXPORT_K + 1:, :, :n - 1] - po[EXPORT_K + 1:, :, :n - 1]).max() > 1e-3
     # except at position 0, the attention sink the fit never saw, where the layers' own matrices stay
-    np.testing.assert_allclose(pf[KEEP:, :, 0], po[KEEP:, :, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pf[EXPORT_K:, :, 0], po[EXPORT_K:, :, 0], atol=1e-5, rtol=0)
     # and they are the fitted reference's
     hf = hf_models("tiny-gemma3").model
-    heads = _calibrate(hf, tiny.build("tiny-gemma3")[1])
+    heads = _calibrate(hf, tiny.build("tiny-gemma3")[1], EXPORT_K)
     ref = reference.cache_tensors(reference.prefill(hf, torch.tensor(ids[:, :-1]), torch.ones(1, n - 1, dtype=torch.long),
-                                                    KEEP, heads=heads))
-    for l in range(KEEP, 6):
+                                                    EXPORT_K, heads=heads))
+    for l in range(EXPORT_K, 6):
         stored = ref[l][0].shape[0]
         np.testing.assert_allclose(pf[l, 0, n - 1 - stored:n - 1], ref[l][0].numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(pf[l, 1, n - 1 - stored:n - 1], ref[l][1].numpy(), atol=1e-4, rtol=0)
@@ -241,7 +242,7 @@ def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, expor
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     # the extra parameters are in the shared weights file once, and the graphs hold 2 * (L-K) more matrices at most
-    assert manifest["kv_heads"]["fitted_parameters"] <= 2 * (6 - KEEP) * 64 * 32
+    assert manifest["kv_heads"]["fitted_parameters"] <= 2 * (6 - EXPORT_K) * 64 * 32
 
 
 def test_eval_runs_fitted_heads_like_the_reference_and_recommends_within_budget(tmp_path):
@@ -287,10 +288,10 @@ def test_eval_runs_fitted_heads_like_the_reference_and_recommends_within_budget(
 def test_eval_of_fitted_artifacts_matches_pytorch(fitted_export):
     from pop.quality.evaluate import evaluate
     out, _, calib = fitted_export
-    report = evaluate(artifacts=out, data_paths=[calib], ks=[KEEP], samples=3, prompt_len=20, continuation=4,
+    report = evaluate(artifacts=out, data_paths=[calib], ks=[EXPORT_K], samples=3, prompt_len=20, continuation=4,
                       greedy_tokens=4, progress=lambda m: None, kv_heads=["fitted"], calib=calib)
     rows = {r["method"]: r for r in report["data"][0]["results"]}
-    runtime, hf = rows[f"exported graphs, pop runtime, POP K={KEEP}, fitted heads"], rows[f"POP K={KEEP}, fitted heads"]
+    runtime, hf = rows[f"exported graphs, pop runtime, POP K={EXPORT_K}, fitted heads"], rows[f"POP K={EXPORT_K}, fitted heads"]
     for key in ("top1_agreement", "greedy_exact_match", "greedy_common_prefix"):
         assert runtime[key] == hf[key]
     assert abs(runtime["perplexity"] - hf["perplexity"]) < 1e-3 * hf["perplexity"]

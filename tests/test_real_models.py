@@ -7,7 +7,7 @@ import torch
 from pop.exporter import reference, sources
 from pop.runtime.session import PopSession
 
-from conftest import EXCERPTS, cli, generate_json, hf_greedy
+from conftest import EXCERPTS, cli, hf_greedy
 
 pytestmark = pytest.mark.slow
 REAL = ["gemma3-270m", "smollm2-135m"]
@@ -25,17 +25,15 @@ def prompts(loaded, count=3, words=40):
     return [loaded.tokenizer(" ".join(p["text"].split()[:words])).input_ids for p in picked]
 
 
-def test_no_pruning_equals_hf_generate(real, exports, hf_models):
+def test_full_mode_equals_hf_generate(real, exports, hf_models):
+    """Full mode (the decode graph over the whole prompt) is the unpruned model: HF generate's greedy tokens."""
     loaded = hf_models(real)
-    layers = loaded.model.config.num_hidden_layers
-    directory = exports(real, layers)
-    manifest = json.loads((directory / "pop_manifest.json").read_text())
-    assert manifest["pop"]["prefill_layers"] == layers and manifest["verification"]["passed"]
+    session = PopSession.load(exports(real))
     if real == "gemma3-270m":
         assert all(ids[0] == loaded.tokenizer.bos_token_id for ids in prompts(loaded))
     for ids in prompts(loaded):
-        expected = hf_greedy(loaded.model, ids, NEW, manifest["tokenizer"]["eos_ids"])
-        assert generate_json(directory, ids, NEW)["output_ids"] == expected
+        expected = hf_greedy(loaded.model, ids, NEW, session.eos_ids)
+        assert session.generate(ids, NEW, "full").output_ids[0] == expected
 
 
 def test_default_pruning_equals_reference(real, exports, hf_models):

@@ -26,11 +26,13 @@ def family(request):
 
 
 @pytest.fixture(scope="module")
-def unpruned(tmp_path_factory, family, hf_models):
-    """Exported through the pop-export console script, with --prefill-layers L."""
-    layers = hf_models(family).model.config.num_hidden_layers
-    out = tmp_path_factory.mktemp("cli") / f"{family}-unpruned"
-    run = cli("pop-export", "--model", family, "--out", out, "--prefill-layers", layers)
+def unpruned(tmp_path_factory, hf_models):
+    """tiny-llama exported through the pop-export console script with --prefill-layers L: the
+    no-pruning configuration and the CLI path, once (the other families' no-pruning check is full
+    mode, the decode graph over the whole prompt, of their default export)."""
+    layers = hf_models("tiny-llama").model.config.num_hidden_layers
+    out = tmp_path_factory.mktemp("cli") / "tiny-llama-unpruned"
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--prefill-layers", layers)
     assert run.returncode == 0, run.stderr
     return out
 
@@ -39,8 +41,9 @@ def _ids(loaded, text):
     return loaded.tokenizer(text).input_ids
 
 
-def test_no_pruning_equals_hf_generate(family, unpruned, hf_models):
-    loaded = hf_models(family)
+def test_no_pruning_equals_hf_generate(unpruned, hf_models):
+    """K = L through the CLI, in both modes: HF generate's greedy tokens."""
+    loaded = hf_models("tiny-llama")
     manifest = json.loads((unpruned / "pop_manifest.json").read_text())
     assert manifest["pop"]["pruned_layers"] == []
     eos = manifest["tokenizer"]["eos_ids"]
@@ -54,10 +57,19 @@ def test_no_pruning_equals_hf_generate(family, unpruned, hf_models):
         assert full["output_ids"] == expected, text
 
 
-def test_prompt_text_is_tokenized_as_hf_does(unpruned, hf_models, family):
+def test_full_mode_equals_hf_generate(family, exports, hf_models):
+    """Full mode runs the decode graph over the whole prompt: the unpruned model, from the POP export."""
+    loaded = hf_models(family)
+    session = PopSession.load(exports(family))
+    for text in PROMPTS:
+        ids = _ids(loaded, text)
+        assert session.generate(ids, NEW, "full").output_ids[0] == hf_greedy(loaded.model, ids, NEW, session.eos_ids)
+
+
+def test_prompt_text_is_tokenized_as_hf_does(unpruned, hf_models):
     out = cli("pop-generate", unpruned, "--prompt", PROMPTS[1], "--max-new-tokens", 3, "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["prompt_ids"] == _ids(hf_models(family), PROMPTS[1])
+    assert json.loads(out.stdout)["prompt_ids"] == _ids(hf_models("tiny-llama"), PROMPTS[1])
 
 
 def test_default_pruning_graphs_match_reference(family, exports, hf_models):

@@ -48,30 +48,32 @@ def hf_greedy(loaded, inputs, eos):
 @pytest.fixture(scope="module", params=VLMS)
 def vlm(request, exports, hf_models):
     name = request.param
-    full = exports(name, 6)  # tiny models have 6 layers: nothing pruned
-    return name, PopSession.load(full), hf_models(name)
+    return name, PopSession.load(exports(name)), hf_models(name)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_unpruned_greedy_equals_hf_generate(vlm, case):
+def test_full_mode_equals_hf_generate(vlm, case):
+    """Full mode (the decode graph over the whole prompt, images included) is the unpruned model."""
     name, session, loaded = vlm
     images = [picture(h, w, i) for i, (h, w) in enumerate(CASES[case])]
     text = session.chat_prompt("Describe the image.", len(images))
     inputs = hf_inputs(loaded, text, images)
-    expected = hf_greedy(loaded, inputs, session.eos_ids)
-    for mode in ("pop", "full"):
-        got = session.generate(text, NEW, mode, images=[images])
-        assert got.prompt_ids[0] == inputs["input_ids"][0].tolist(), "our expanded prompt differs from HF's processor"
-        assert got.output_ids[0] == expected, (name, case, mode)
-        assert got.timings_ms["vision_ms"] > 0
+    got = session.generate(text, NEW, "full", images=[images])
+    assert got.prompt_ids[0] == inputs["input_ids"][0].tolist(), "our expanded prompt differs from HF's processor"
+    assert got.output_ids[0] == hf_greedy(loaded, inputs, session.eos_ids), (name, case)
+    assert got.timings_ms["vision_ms"] > 0
 
 
 def test_text_only_prompt_on_vlm_artifacts(vlm):
     name, session, loaded = vlm
     text = session.chat_prompt("Tell me a story.")
-    expected = hf_greedy(loaded, hf_inputs(loaded, text, None), session.eos_ids)
-    assert session.generate(text, NEW).output_ids[0] == expected
-    assert session.generate(text, NEW).timings_ms["vision_ms"] == 0
+    assert session.generate(text, NEW, "full").output_ids[0] == hf_greedy(loaded, hf_inputs(loaded, text, None),
+                                                                           session.eos_ids)
+    keep = session.manifest.pop.prefill_layers
+    expected = reference.generate(loaded.model, hf_inputs(loaded, text, None)["input_ids"], keep=keep,
+                                  max_new_tokens=NEW, eos_ids=session.eos_ids)[0].tolist()
+    got = session.generate(text, NEW)
+    assert got.output_ids[0] == expected and got.timings_ms["vision_ms"] == 0
 
 
 @pytest.mark.parametrize("name", VLMS)
@@ -111,7 +113,7 @@ def test_deepstack_layers_are_kept(exports):
 
 
 def test_batched_requests_with_images_match_one_by_one(exports):
-    session = PopSession.load(exports("tiny-qwen3-vl", 6))
+    session = PopSession.load(exports("tiny-qwen3-vl"))
     a, b = [picture(70, 45, 0), picture(48, 150, 1)], [picture(64, 64, 2)]
     ta, tb = session.chat_prompt("Compare them.", 2), session.chat_prompt("A long question about this one?", 1)
     both = session.generate([ta, tb], NEW, images=[a, b], stop_at_eos=False).output_ids
@@ -120,7 +122,7 @@ def test_batched_requests_with_images_match_one_by_one(exports):
 
 
 def test_bad_image_inputs(exports, tmp_path):
-    vlm_dir, text_dir = exports("tiny-gemma3-vl", 6), exports("tiny-llama")
+    vlm_dir, text_dir = exports("tiny-gemma3-vl"), exports("tiny-llama")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     out = cli("pop-generate", vlm_dir, "--prompt", "Describe.", "--image", bad)
