@@ -24,6 +24,10 @@ def parser():
     p.add_argument("--format", default=None, choices=list(FORMATS),
                    help="artifact format: onnx (ONNX Runtime, default), trt (ONNX plus TensorRT engines) or "
                         "aoti (AOTInductor packages)")
+    p.add_argument("--graph-form", choices=("fused", "plain"), default=None,
+                   help="ONNX only: fused (ONNX Runtime's GroupQueryAttention, fused norms and rotary; the default "
+                        "for --format onnx) or plain (standard operators, for runtimes without ONNX Runtime's "
+                        "contrib operators; what --format trt writes)")
     # the flag's name before artifact formats and execution backends got names of their own
     p.add_argument("--backend", dest="legacy_format", choices=list(FORMATS), help=argparse.SUPPRESS)
     k = p.add_mutually_exclusive_group()
@@ -46,7 +50,7 @@ def options(argv) -> ExportOptions:
     if args.format and args.legacy_format and args.format != args.legacy_format:
         p.error("--backend is the old name of --format: give one")
     return ExportOptions(
-        model=args.model, out=args.out, format=args.format or args.legacy_format or "onnx",
+        model=args.model, out=args.out, format=args.format or args.legacy_format or "onnx", graph_form=args.graph_form,
         prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
         max_seq_len=args.max_seq_len, max_batch=args.max_batch, threads=args.threads, skip_verify=args.skip_verify,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,

@@ -194,7 +194,7 @@ def _positions(adapter) -> Positions:
         return Positions(3, "M-RoPE (t, h, w): text advances all three; an image's tokens take its grid "
                             "coordinates offset by the text before it; see pop.runtime.vision.qwen3_vl",
                          "the largest prompt position + 1, then + 1 per token, the same on all axes")
-    return Positions(1, "per row, cumsum(attention_mask) - 1; padded slots get 1")
+    return Positions(1, "per row, the slot: token i of a row is at position i (the graphs derive it)")
 
 
 def _vision(adapter, processor) -> Vision:
@@ -232,9 +232,9 @@ def _kv_cache(adapter, prefill_layers, dtype) -> KVCache:
                       "full" if l < prefill_layers else "kv_projection",
                       past[2 * l], past[2 * l + 1], present[2 * l], present[2 * l + 1])
               for l in range(adapter.num_layers)]
-    return KVCache(dtype, ["slot", "batch", "kv_heads", "head_dim"],
-                   "slot i of every layer holds the token at sequence index i (left padding included); "
-                   "attention_mask[slot, batch] = 1 marks real tokens", layers)
+    return KVCache(dtype, ["batch", "kv_heads", "slot", "head_dim"],
+                   "per row: slot i holds the row's token i; seqlens_k[row] is the slot of its last real token",
+                   layers)
 
 
 def _replace_dir(new: Path, target: Path):

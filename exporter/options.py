@@ -15,6 +15,7 @@ class ExportOptions:
     model: str  # a preset, a local HF folder, a .gguf file, or a hub id in the local HF cache
     out: Path | str | None = None  # default: artifacts/<model>-<format>-pop
     format: str = "onnx"  # an artifact format (exporter/formats): onnx, trt or aoti
+    graph_form: str | None = None  # "fused" or "plain" (exporter/ops.py); None: the format's own
     prefill_layers: int | None = None  # K; default: prune the last third, rounded down
     prune_ratio: float | None = None
     dtype: str = "fp32"  # a key of DTYPES
@@ -34,7 +35,11 @@ class ExportOptions:
         from . import fitted_heads
         from .formats import format_for
         calib = fitted_heads.check_options(self.kv_heads, self.calib, self.calib_tokens, self.ridge)
-        format_for(self.format)
+        fmt = format_for(self.format)
+        if self.graph_form is not None and self.graph_form not in fmt.forms:
+            raise PopError(f"--format {self.format} writes the {' or '.join(fmt.forms)} graph form, not "
+                           f"{self.graph_form}" + (": TensorRT's parser knows no ONNX Runtime contrib operator"
+                                                   if self.format == "trt" else ""))
         if self.dtype not in DTYPES:
             raise PopError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.prefill_layers is not None and self.prune_ratio is not None:

@@ -1,23 +1,26 @@
-"""The POP computation, written once for every family adapter.
+"""The POP computation, written once for every family adapter and both graph forms.
 
 Two modules, traced to two graphs:
 
-* PopPrefill: prompt tokens 1..N-1.  Layers 0..K-1 run normally; every layer
-  l >= K fills its cache from h (the output of layer K-1) through its own
-  norm -> K/V projection -> k-norm -> RoPE.  No logits.
-* PopDecode: the full model over T >= 1 new tokens after a past cache; logits
-  for the last position only, and the new tokens' K/V.
+* PopPrefill: prompt tokens 1..N-1 (a first prompt: every row from slot 0).
+  Layers 0..K-1 run normally; every layer l >= K fills its cache from h (the
+  output of layer K-1) through its own norm -> K/V projection -> k-norm -> RoPE.
+  No logits.
+* PopDecode: the full model over T >= 1 new tokens per row after each row's
+  past; logits at each row's last real token.
 
-Cache tensors are sequence-major, [seq, batch, kv_heads, head_dim], so that a
-runtime can hand the graphs a prefix of one preallocated buffer and receive new
-entries straight into it (see runtime/kv.py).  The graphs never concatenate the
-cache: attention scores over the past and over the new tokens are computed
-separately and joined only after the dot products, where they are small.
+The KV cache is one buffer per layer and kind, [batch, kv_heads, max_seq_len,
+head_dim], in which every row keeps its own length (the graphs' `seqlens_k`
+input).  Graph forms differ in how new entries get there (exporter/ops.py):
+the fused form's attention writes them in place; the plain form returns them,
+[batch, kv_heads, T, head_dim], for the runtime to place at each row's slots.
+The pruned layers' KV heads always return theirs.  docs/MANIFEST.md is the
+contract.
 """
 import torch
 from torch import nn
 
-from .families.llama import apply_rope
+from .ops import OPS, step_for
 
 
 def sink_mask(position_ids):
@@ -32,61 +35,10 @@ def sink_mask(position_ids):
     return zero & (zero.cumsum(-1) == 1)
 
 
-def key_mask(attention_mask, past_len, new_len, window, groups=None):
-    """[B, 1, 1, T, P+T] bool: causal, padding-aware, optionally sliding.
-
-    attention_mask is [P+T, B] over cache slots (1 = a real token).  Slot indices
-    are the distances HF uses for sliding windows, so left padding counts.
-    groups, when given, is [P+T, B]: tokens of one image share a number > 0 and
-    see each other in both directions, still within the window (HF's Gemma-3
-    rule: sliding AND (causal OR same image)).
-    """
-    total = attention_mask.shape[0]
-    q_idx = torch.arange(new_len, device=attention_mask.device) + past_len
-    k_idx = torch.arange(total, device=attention_mask.device)
-    allowed = (k_idx[None, :] <= q_idx[:, None])[None]  # [1, T, P+T]
-    if groups is not None:
-        gk = groups.transpose(0, 1)  # [B, P+T]
-        gq = gk[:, past_len:]
-        allowed = allowed | ((gq[:, :, None] == gk[:, None, :]) & (gq[:, :, None] > 0))
-    if window is not None:
-        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)[None]
-    real = attention_mask.transpose(0, 1).bool()
-    return (allowed & real[:, None, :])[:, None, None]
-
-
-def attend(q, k, v, past_k, past_v, mask, scale, softcap=None):
-    """Grouped-query attention over [past ; new] without joining the cache.
-
-    q: [B,T,Hq,D]; k, v: [B,T,Hkv,D]; past_k, past_v: [P,B,Hkv,D].
-    """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    past_len = past_k.shape[0]
-    qh = q.reshape(b, t, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4) * scale  # [B,Hkv,G,T,D]
-    pk = past_k.permute(1, 2, 0, 3).unsqueeze(2)  # [B,Hkv,1,P,D]
-    pv = past_v.permute(1, 2, 0, 3).unsqueeze(2)
-    nk = k.transpose(1, 2).unsqueeze(2)  # [B,Hkv,1,T,D]
-    nv = v.transpose(1, 2).unsqueeze(2)
-    # Past scores are computed as K @ Q^T and the small [P, G*T] result is
-    # transposed, not K: a step then reads the cached keys in their own row
-    # order.  Q @ K^T made ONNX Runtime transpose every layer's whole past K,
-    # element by element, each decode step (24-38% of a step at 1024 tokens).
-    q_cols = qh.permute(0, 1, 4, 2, 3).reshape(b, hkv, 1, d, -1)  # [B,Hkv,1,D,G*T]
-    past_scores = (pk @ q_cols).reshape(b, hkv, past_len, hq // hkv, t).permute(0, 1, 3, 4, 2)
-    scores = torch.cat([past_scores, qh @ nk.transpose(-1, -2)], dim=-1).float()
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = probs[..., :past_len] @ pv + probs[..., past_len:] @ nv  # [B,Hkv,G,T,D]
-    return out.permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
-
-
 def extra_inputs(adapter):
-    """Graph inputs after ids, positions and mask, in order, for this family.
+    """Graph inputs after the cache lengths (and M-RoPE positions), in order, for this family.
 
-    token_groups      [P+T, B]   image number per slot, 0 for text (bidirectional images)
+    token_groups      [B, S]     image number per slot, 0 for text (bidirectional images)
     image_embeds      [M, H]     vision features of the image tokens among the new ones
     image_index       [M]        where they go: flat index b*T + t into the new tokens
     deepstack_embeds  [n, M, H]  added after layers 0..n-1 at the same places
@@ -112,20 +64,48 @@ def _scatter(h, index, rows, add=False):
 
 
 class PopGraph(nn.Module):
-    """The pieces every POP graph is made of, over one family adapter: embedding, rotary tables, masks,
-    a full decoder layer and a pruned layer's KV head.  PopPrefill and PopDecode trace them into graphs;
-    pop-eval and pop-analyze run them eagerly (quality/)."""
+    """The pieces every POP graph is made of, over one family adapter and one form of primitives
+    (exporter/ops.py): embedding, the residual stream with its norms, a full decoder layer, a pruned
+    layer's KV head.  PopPrefill and PopDecode trace them into graphs; pop-eval and pop-analyze run
+    them eagerly (quality/)."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, form="plain", max_seq_len=4096):
         super().__init__()
         self.ad = adapter
         self.hf = adapter.hf  # registered so initializer names are the HF parameter names
+        self.ops = OPS[form]
+        self.form = form
+        self.max_seq_len = max_seq_len
         self.extras = extra_inputs(adapter)
+        self.rope_kinds = sorted({adapter.rope_kind(l) for l in range(adapter.num_layers)})
+        self.windows = sorted({adapter.sliding_window(l) for l in range(adapter.num_layers)},
+                              key=lambda w: -1 if w is None else w)
+        if adapter.position_axes == 1:
+            # Rotary tables by position, [max_seq_len, D/2] per kind: graph constants, gathered per token
+            # (and indexed by the fused operators), never recomputed per call.  The same tensors for every
+            # graph of an export, so that the weights file holds them once.
+            for kind, (cos, sin) in rope_tables(adapter, max_seq_len).items():
+                self.register_buffer(f"rope_cos_{kind}", cos, persistent=False)
+                self.register_buffer(f"rope_sin_{kind}", sin, persistent=False)
 
-    def _split(self, rest):
-        """(extra inputs by name, the remaining positional inputs)."""
+    def _inputs(self, rest, with_slots=False):
+        """(cache_slots or None, M-RoPE positions or None, extra inputs by name, the remaining inputs)."""
+        slots = positions = None
+        if with_slots:
+            slots, rest = rest[0], rest[1:]
+        if self.ad.position_axes > 1:
+            positions, rest = rest[0], rest[1:]
         n = len(self.extras)
-        return dict(zip(self.extras, rest[:n])), rest[n:]
+        return slots, positions, dict(zip(self.extras, rest[:n])), rest[n:]
+
+    def rope_table(self, kind):
+        """(cos, sin) [max_seq_len, D/2] by position (text families)."""
+        return getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}")
+
+    def step(self, seqlens, total, new, positions, mm, with_past, slots=None):
+        step = step_for(seqlens, total, new, positions, mm.get("token_groups"), slots)
+        self.ops.prepare(self, step, with_past)
+        return step
 
     def embed(self, input_ids, mm=None):
         h = self.ad.embed(input_ids)
@@ -134,42 +114,60 @@ class PopGraph(nn.Module):
         return h
 
     def deepstack(self, l, h, mm):
-        if l < self.ad.deepstack_layers:
+        if l < self.ad.deepstack_layers and "deepstack_embeds" in mm:
             h = _scatter(h, mm["image_index"], mm["deepstack_embeds"][l], add=True)
         return h
 
-    def ropes(self, position_ids, like):
-        """{rope kind: (cos, sin)} for every kind of layer, computed once per graph."""
-        kinds = {self.ad.rope_kind(l) for l in range(self.ad.num_layers)}
-        return {kind: self.ad.rope(kind, position_ids, like) for kind in sorted(kinds)}
+    def _q(self, l, x):
+        """[B, T, Hq, D], normed where the family norms queries, before RoPE."""
+        q_norm, _ = self.ad.qk_norms(l)
+        q = self.ad.q(l, x)
+        return q if q_norm is None else self.ops.norm(q_norm, q)
 
-    def masks(self, attention_mask, past_len, new_len, mm=None):
-        """{sliding window (None: global): [B, 1, 1, T, P+T] bool} for every kind of layer."""
-        mm = mm or {}
-        windows = {self.ad.sliding_window(l) for l in range(self.ad.num_layers)}
-        return {w: key_mask(attention_mask, past_len, new_len, w, mm.get("token_groups")) for w in windows}
+    def _kv(self, l, x, k_proj=None, v_proj=None):
+        """k (normed where the family norms keys, before RoPE) and v, [B, T, Hkv, D]."""
+        _, k_norm = self.ad.qk_norms(l)
+        k, v = self.ad.k(l, x, k_proj), self.ad.v(l, x, v_proj)
+        return (k if k_norm is None else self.ops.norm(k_norm, k)), v
 
-    def layer(self, l, h, rope, masks, past_k, past_v, gate=None):
-        """One full decoder layer; returns the new h and this layer's new K/V.
+    def layers(self, h, step, pasts, mm=None, kv_only=(), bypass=(), heads=None, sink=None, gates=None):
+        """Every layer over h (embedded), in order.  Returns (h, x = the final norm of h, {layer: (present K,
+        present V)}).  pasts[l]: the layer's (K, V) buffers, or (None, None) for a first prompt's plain form.
 
-        gate (broadcast over h) scales both residual branches: the "virtual gate"
-        of stage-importance analysis.  The exported graphs never pass one.
-        """
-        ad = self.ad
-        cos, sin = rope[ad.rope_kind(l)]
-        x = ad.attn_norm(l, h)
-        q = apply_rope(ad.q(l, x), cos, sin)
-        k = apply_rope(ad.k(l, x), cos, sin)
-        v = ad.v(l, x)
-        a = attend(q, k, v, past_k, past_v, masks[ad.sliding_window(l)], ad.attn_scale(l), ad.attn_softcap())
-        a = ad.attn_branch(l, a)
-        h = h + (a if gate is None else gate * a)
-        m = ad.mlp_branch(l, h)
-        h = h + (m if gate is None else gate * m)
-        return h, k, v
+        kv_only layers fill their cache through their KV head (kv_head) from the hidden state they receive
+        and leave h as it is: POP's pruned layers in the prefill graph, and pop-eval's variants.  bypass
+        layers do nothing (pop-eval's ShortGPT-style dropping).  gates[l] (broadcast over h) scales both
+        residual branches: the "virtual gate" of stage-importance analysis.  The residual add is fused into
+        the norm that reads it (ops.add_norm), so x is always the next full layer's normed input."""
+        ad, ops = self.ad, self.ops
+        x, x_for = None, None  # x is the input norm of layer x_for applied to h
+        presents = {}
+        for l in range(ad.num_layers):
+            if l in bypass:
+                continue
+            if l in kv_only:
+                presents[l] = self.kv_head(l, h, step, heads, sink)
+                continue
+            if x_for != l:
+                x = ops.norm(ad.input_norm(l), h)
+            q, (k, v) = self._q(l, x), self._kv(l, x)
+            a, pk, pv = ops.attention(self, l, q, k, v, *pasts[l], step)
+            presents[l] = (pk, pv)
+            a = ad.attn_out(l, a)
+            x, h = ops.add_norm(h, a if gates is None else gates[l] * a, ad.mlp_norm(l))
+            m = ad.mlp_out(l, x)
+            nxt = ad.input_norm(l + 1) if l + 1 < ad.num_layers else ad.final_norm()
+            x, h = ops.add_norm(h, m if gates is None else gates[l] * m, nxt)
+            x_for = l + 1
+            if l < ad.deepstack_layers and mm and "deepstack_embeds" in mm:
+                h = self.deepstack(l, h, mm)
+                x_for = None  # the features join after the norm that read h
+        if x_for != ad.num_layers:
+            x = ops.norm(ad.final_norm(), h)
+        return h, x, presents
 
-    def kv_head(self, l, h, rope, heads=None, sink=None):
-        """Independent KV projection of a pruned layer, from the kept hidden state.
+    def kv_head(self, l, h, step, heads=None, sink=None):
+        """Independent KV projection of a pruned layer, from the kept hidden state: [B, Hkv, T, D] each.
 
         heads (exporter/fitted_heads.py), when given, replaces the layer's K/V
         matrices where it has a fitted one; norm, k-norm and RoPE stay the layer's.
@@ -177,29 +175,47 @@ class PopGraph(nn.Module):
         layer's own matrices for the attention sink, which the fit never saw
         (fitted_heads.collect)."""
         ad = self.ad
-        cos, sin = rope[ad.rope_kind(l)]
-        x = ad.attn_norm(l, h)
+        x = self.ops.norm(ad.input_norm(l), h)
         k_proj, v_proj = (None, None) if heads is None else (heads.proj("key", l), heads.proj("value", l))
-        k, v = ad.k(l, x, k_proj), ad.v(l, x, v_proj)
+        k, v = self._kv(l, x, k_proj, v_proj)
         if k_proj is not None or v_proj is not None:
             # The own matrices are needed at the sink only, one token per sequence: projecting
             # all T rows twice would cost prefill a second head per pruned layer.
             x0 = (x * sink).sum(1, keepdim=True)
             at_sink = sink[..., None] > 0
+            k0, v0 = self._kv(l, x0)
             if k_proj is not None:
-                k = torch.where(at_sink, ad.k(l, x0), k)
+                k = torch.where(at_sink, k0, k)
             if v_proj is not None:
-                v = torch.where(at_sink, ad.v(l, x0), v)
-        return apply_rope(k, cos, sin), v
+                v = torch.where(at_sink, v0, v)
+        return self.ops.rope_keys(self, l, k, step).transpose(1, 2), v.transpose(1, 2)
+
+    def logits(self, h, x, step):
+        """Logits at each row's last real token: slot seqlens_k, or the last new one."""
+        b, t, d = x.shape
+        last = torch.minimum(step.seqlens.long(), torch.full_like(step.seqlens.long(), t - 1))
+        return self.ad.lm_head(x.gather(1, last[:, None, None].expand(b, 1, d))[:, 0])
 
 
-def seq_major(x):
-    return x.transpose(0, 1)  # [B,T,H,D] -> [T,B,H,D]
+def rope_tables(adapter, max_seq_len):
+    """{rope kind: (cos, sin) [max_seq_len, D/2]} from HF's own rotary module, computed once per adapter
+    and length (the same tensors for every graph module built over them)."""
+    cache = adapter.__dict__.setdefault("_pop_rope_tables", {})
+    if max_seq_len not in cache:
+        like = adapter.hf.get_input_embeddings().weight
+        tables = {}
+        with torch.no_grad():
+            for kind in sorted({adapter.rope_kind(l) for l in range(adapter.num_layers)}):
+                cos, sin = adapter.rope(kind, torch.arange(max_seq_len, device=like.device)[None], like)
+                half = cos.shape[-1] // 2
+                tables[kind] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())
+        cache[max_seq_len] = tables
+    return cache[max_seq_len]
 
 
 class PopPrefill(PopGraph):
-    def __init__(self, adapter, prefill_layers: int, heads=None):
-        super().__init__(adapter)
+    def __init__(self, adapter, prefill_layers: int, heads=None, form="plain", max_seq_len=4096):
+        super().__init__(adapter, form, max_seq_len)
         # fitted KV heads, registered so that they become this graph's initializers only
         self.heads = heads
         if heads is not None and heads.prefill_layers != prefill_layers:
@@ -212,37 +228,34 @@ class PopPrefill(PopGraph):
                              f"got {prefill_layers}")
         self.prefill_layers = prefill_layers
 
-    def forward(self, input_ids, position_ids, attention_mask, *extra):
-        mm, _ = self._split(extra)
+    def in_place_layers(self):
+        """Layers whose presents this graph writes into the buffer itself (the fused form's attention)."""
+        return range(self.prefill_layers) if self.form == "fused" else range(0)
+
+    def forward(self, input_ids, seqlens_k, total_sequence_length, *rest):
+        _, positions, mm, past = self._inputs(rest)
+        step = self.step(seqlens_k, total_sequence_length, input_ids.shape[1], positions, mm, with_past=False)
         h = self.embed(input_ids, mm)
-        b, t = input_ids.shape
-        rope = self.ropes(position_ids, h)
-        masks = self.masks(attention_mask, 0, t, mm)
-        empty = h.new_zeros(0, b, self.ad.num_kv_heads, self.ad.head_dim)
-        presents = []
-        for l in range(self.prefill_layers):
-            h, k, v = self.layer(l, h, rope, masks, empty, empty)
-            h = self.deepstack(l, h, mm)
-            presents += [seq_major(k), seq_major(v)]
-        sink = None
-        if self.heads is not None:
-            sink = sink_mask(position_ids).to(h.dtype)[..., None]
-        for l in range(self.prefill_layers, self.ad.num_layers):
-            k, v = self.kv_head(l, h, rope, self.heads, sink)
-            presents += [seq_major(k), seq_major(v)]
-        return tuple(presents)
+        k = self.prefill_layers
+        pasts = [(past[2 * l], past[2 * l + 1]) if self.form == "fused" and l < k else (None, None)
+                 for l in range(self.ad.num_layers)]
+        sink = sink_mask(step.positions).to(h.dtype)[..., None] if self.heads is not None else None
+        _, _, presents = self.layers(h, step, pasts, mm, kv_only=range(k, self.ad.num_layers), heads=self.heads,
+                                     sink=sink)
+        return tuple(t for l in range(self.ad.num_layers) for t in presents[l])
 
 
 class PopDecode(PopGraph):
-    def forward(self, input_ids, position_ids, attention_mask, *rest):
-        mm, past = self._split(rest)
+    def in_place_layers(self):
+        return range(self.ad.num_layers) if self.form == "fused" else range(0)
+
+    def forward(self, input_ids, seqlens_k, total_sequence_length, *rest):
+        """rest: cache_slots [total] (the plain form: the slots 0..total-1 whose keys are read), then the
+        M-RoPE positions, the family's extra inputs and every layer's past K/V buffers."""
+        slots, positions, mm, past = self._inputs(rest, with_slots=self.form == "plain")
+        step = self.step(seqlens_k, total_sequence_length, input_ids.shape[1], positions, mm, with_past=True,
+                         slots=slots)
         h = self.embed(input_ids, mm)
-        past_len = past[0].shape[0]
-        rope = self.ropes(position_ids, h)
-        masks = self.masks(attention_mask, past_len, input_ids.shape[1], mm)
-        presents = []
-        for l in range(self.ad.num_layers):
-            h, k, v = self.layer(l, h, rope, masks, past[2 * l], past[2 * l + 1])
-            h = self.deepstack(l, h, mm)
-            presents += [seq_major(k), seq_major(v)]
-        return (self.ad.logits(h[:, -1]), *presents)
+        pasts = [(past[2 * l], past[2 * l + 1]) for l in range(self.ad.num_layers)]
+        h, x, presents = self.layers(h, step, pasts, mm)
+        return (self.logits(h, x, step), *(t for l in range(self.ad.num_layers) for t in presents[l]))

@@ -53,15 +53,22 @@ def _check(ours, ref, mask=None, floor=0.0, argmax=False):
                  bool((ours.argmax(-1) == ref.argmax(-1)).all()) if argmax else None)
 
 
-def _cache_check(kv, ref_cache, end, real):
-    """Slots < end of every layer, real tokens only; HF keeps only a sliding layer's window."""
-    checks = []
-    for l, (k_ref, v_ref) in enumerate(reference.cache_tensors(ref_cache)):
+def _cache_check(kv, ref_cache, lengths):
+    """Every layer's cached K/V of each row's `lengths[b]` tokens, against HF's (left-padded) cache.
+    Row b's token j is our slot j and HF's slot width - lengths[b] + j; HF keeps only a sliding layer's
+    window, its last `stored` slots."""
+    diff, scale = 0.0, 0.0
+    for l, (k_ref, v_ref) in enumerate(reference.cache_tensors(ref_cache)):  # [slot, batch, heads, dim]
         stored = k_ref.shape[0]
-        sel = real[end - stored:end]
         for i, r in enumerate((k_ref, v_ref)):
-            checks.append(_check(kv.cache[l, i, end - stored:end], r.float().numpy(), sel))
-    return Check(max(c.max_abs for c in checks), max(c.scale for c in checks))
+            r = r.float().numpy()
+            for b, n in enumerate(lengths):
+                first = max(0, n - stored)  # the earliest of this row's tokens HF still holds
+                ours = kv.cache[l, i, b, :, first:n].transpose(1, 0, 2)  # [tokens, heads, dim]
+                theirs = r[stored - n + first:stored, b]
+                c = _check(ours, theirs)
+                diff, scale = max(diff, c.max_abs), max(scale, c.scale)
+    return Check(diff, scale)
 
 
 def _image_request(job, session, manifest, report):
@@ -90,8 +97,14 @@ def _image_request(job, session, manifest, report):
 
 
 def _request(ids, mask, pos):
-    return Request([r[m.bool()].tolist() for r, m in zip(ids, mask)], ids.numpy(), mask.numpy(),
-                   np.ascontiguousarray(pos.numpy()))
+    """The runtime's Request for HF's left-padded batch: the same rows, right-padded."""
+    lengths = mask.sum(-1).tolist()
+    n = ids.shape[1]
+    right = [np.zeros(ids.shape, np.int64), np.zeros(ids.shape, np.int64), np.zeros(pos.shape, np.int64)]
+    for b, length in enumerate(lengths):
+        for out, src in zip(right, (ids.numpy(), mask.numpy(), pos.numpy())):
+            out[..., b, :length] = src[..., b, n - length:]
+    return Request([r[:length].tolist() for r, length in zip(right[0], lengths)], *right)
 
 
 def verify(job, manifest) -> Verification:
@@ -114,8 +127,8 @@ def verify(job, manifest) -> Verification:
         pos = reference.positions(mask)
         request, images_until = _request(ids, mask, pos), (lambda end: {})
     b, n = ids.shape
-    real = np.ascontiguousarray(mask.numpy().T).astype(bool)  # [slot, batch]; padded slots are don't-care
-    report.facts.update({"batch": b, "prompt_lengths": mask.sum(-1).tolist()})
+    lengths = mask.sum(-1).tolist()
+    report.facts.update({"batch": b, "prompt_lengths": lengths})
 
     job.progress(f"verify: prefill and boundary (POP mode), batch {b}, prompt lengths {report.facts['prompt_lengths']}")
     ref_cache = reference.prefill(hf, ids[:, :-1], mask[:, :-1], job.prefill_layers, pos[..., :-1], job.heads,
@@ -123,7 +136,7 @@ def verify(job, manifest) -> Verification:
 
     def observe_pop(phase, logits):
         if phase == "prefill":
-            report.checks["prefill_kv"] = _cache_check(session.kv, ref_cache, n - 1, real)
+            report.checks["prefill_kv"] = _cache_check(session.kv, ref_cache, [length - 1 for length in lengths])
         elif phase == "boundary":
             ref = reference.step(hf, ids[:, -1:], mask, ref_cache, pos[..., -1:]).numpy()
             report.checks["boundary_logits"] = _check(logits, ref, floor=1.0, argmax=True)
@@ -135,7 +148,7 @@ def verify(job, manifest) -> Verification:
 
     def observe_full(phase, logits):
         report.checks["full_logits"] = _check(logits, hf_out.logits[:, -1].float().numpy(), floor=1.0, argmax=True)
-        report.checks["full_kv"] = _cache_check(session.kv, hf_out.past_key_values, n, real)
+        report.checks["full_kv"] = _cache_check(session.kv, hf_out.past_key_values, lengths)
     next(session.run(request, 1, "full", observe=observe_full))
 
     tol = report.tolerance

@@ -30,24 +30,21 @@ def gated_loss(graph, ids, prompt_len, g_prefill, g_decode):
     """Cross-entropy of ids[prompt_len:] predicted from decode positions prompt_len-1.., gates applied."""
     ad = graph.ad
     b, t = ids.shape
-    pos = torch.arange(t)[None].expand(b, t)
+    positions = None
     if ad.position_axes > 1:  # M-RoPE: text advances every axis alike
-        pos = pos[None].expand(ad.position_axes, b, t)
-    h = graph.embed(ids)
-    rope = graph.ropes(pos, h)
-    masks = graph.masks(torch.ones(t, b, dtype=torch.long), 0, t)
-    empty = h.new_zeros(0, b, ad.num_kv_heads, ad.head_dim)
+        positions = torch.arange(t)[None, None].expand(ad.position_axes, b, t)
+    step = graph.step(torch.full((b,), t - 1, dtype=torch.int32), torch.tensor(t, dtype=torch.int32), t, positions,
+                      {}, False)
     decode_pos = (torch.arange(t) >= prompt_len - 1)[None, :, None]
-    for l in range(ad.num_layers):
-        gate = torch.where(decode_pos, g_decode[l], g_prefill[l])
-        h, _, _ = graph.layer(l, h, rope, masks, empty, empty, gate)
-    logits = ad.logits(h[:, prompt_len - 1:t - 1]).float()
+    gates = [torch.where(decode_pos, g_decode[l], g_prefill[l]) for l in range(ad.num_layers)]
+    _, x, _ = graph.layers(graph.embed(ids), step, [(None, None)] * ad.num_layers, gates=gates)
+    logits = ad.lm_head(x[:, prompt_len - 1:t - 1]).float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt_len:].reshape(-1))
 
 
 def stage_importance(hf_model, adapter, prompts, new_tokens=32, seed=0, progress=None):
     """(prefill importance [L], decode importance [L]) averaged over the prompts."""
-    graph = PopGraph(adapter).eval()
+    graph = PopGraph(adapter, "plain", max(len(p) for p in prompts) + new_tokens).eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
     n_layers = adapter.num_layers

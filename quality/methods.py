@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pop.exporter.families import adapter_for
-from pop.exporter.pop import PopGraph, seq_major, sink_mask
+from pop.exporter.pop import PopGraph, sink_mask
 
 
 @dataclass(frozen=True)
@@ -68,75 +68,79 @@ class Outcome:
 
 @dataclass
 class State:
-    """A sequence under one method (batch 1): each layer's cache, seq-major as the graphs keep it,
-    and how many of its slots came from the prompt's shallow prefill."""
+    """A sequence under one method (batch 1): each layer's K/V buffer [1, kv_heads, max_len, head_dim],
+    how many slots it holds, and how many of them came from the prompt's shallow prefill."""
     keys: list
     values: list
-    prompt: int = 0  # slots written by the shallow prefill
+    seen: int = 0
+    prompt: int = 0
 
-    @property
-    def seen(self):
-        return self.keys[0].shape[0]
+    def entries(self, layer):
+        """(K, V) of the filled slots, [slots, 1, kv_heads, head_dim] (the reference's cache_tensors layout)."""
+        return tuple(t[:, :, :self.seen].permute(2, 0, 1, 3) for t in (self.keys[layer], self.values[layer]))
 
 
 class Runner:
-    """Runs methods on one model (batch 1), eager, in the model's dtype."""
+    """Runs methods on one model (batch 1), eager, in the model's dtype, over the same layers the plain
+    graphs are traced from (exporter/pop.py)."""
 
-    def __init__(self, hf_model):
-        self.graph = PopGraph(adapter_for(hf_model.eval()))
+    def __init__(self, hf_model, max_len=1024):
+        self.graph = PopGraph(adapter_for(hf_model.eval()), "plain", max_len)
         self.ad = self.graph.ad
-
-    def _positions(self, start, length):
-        pos = torch.arange(start, start + length)[None]
-        return pos[None].expand(self.ad.position_axes, 1, length) if self.ad.position_axes > 1 else pos
+        self.max_len = max_len
 
     def empty(self) -> State:
         ad = self.ad
-        blank = torch.zeros(0, 1, ad.num_kv_heads, ad.head_dim, dtype=next(self.graph.hf.parameters()).dtype)
-        return State([blank] * ad.num_layers, [blank] * ad.num_layers)
+        dtype = next(self.graph.hf.parameters()).dtype
+        buffers = [torch.zeros(2, 1, ad.num_kv_heads, self.max_len, ad.head_dim, dtype=dtype)
+                   for _ in range(ad.num_layers)]
+        return State([b[0] for b in buffers], [b[1] for b in buffers])
+
+    def _step(self, state, t, with_past):
+        n = state.seen + t
+        positions = None
+        if self.ad.position_axes > 1:  # text: M-RoPE's three axes advance together
+            positions = torch.arange(state.seen, n)[None, None].expand(self.ad.position_axes, 1, t)
+        return self.graph.step(torch.tensor([n - 1], dtype=torch.int32), torch.tensor(n, dtype=torch.int32), t,
+                               positions, {}, with_past, torch.arange(n))
+
+    def _place(self, state, presents, t):
+        for l, (k, v) in presents.items():
+            state.keys[l][:, :, state.seen:state.seen + t] = k
+            state.values[l][:, :, state.seen:state.seen + t] = v
+        state.seen += t
 
     @torch.no_grad()
     def shallow(self, method: Method, ids, state: State):
         """The prompt's shallow prefill: layers in method.prefill_skip fill their cache through their KV head
         from the hidden state they receive.  Returns the shallow stack's last-position logits."""
-        g, ad = self.graph, self.ad
+        g = self.graph
         t = ids.shape[1]
-        pos = self._positions(0, t)
+        step = self._step(state, t, False)
         h = g.embed(ids)
-        rope = g.ropes(pos, h)
-        masks = g.masks(torch.ones(t, 1, dtype=torch.long), 0, t)
-        empty = h.new_zeros(0, 1, ad.num_kv_heads, ad.head_dim)
-        sink = sink_mask(pos).to(h.dtype)[..., None] if method.heads is not None else None
-        for l in range(ad.num_layers):
-            if l in method.prefill_skip:
-                heads = method.heads if method.heads is not None and l >= method.heads.prefill_layers else None
-                k, v = g.kv_head(l, h, rope, heads, sink if heads is not None else None)
-            else:
-                h, k, v = g.layer(l, h, rope, masks, empty, empty)
-            state.keys[l], state.values[l] = seq_major(k), seq_major(v)
+        sink = sink_mask(step.positions).to(h.dtype)[..., None] if method.heads is not None else None
+        heads = method.heads
+        if heads is not None:  # fitted heads apply to the layers they were fitted for
+            kv_only = [l for l in method.prefill_skip if l >= heads.prefill_layers]
+            assert kv_only == list(method.prefill_skip), "fitted heads for another K"
+        _, x, presents = g.layers(h, step, [(None, None)] * self.ad.num_layers, kv_only=method.prefill_skip,
+                                  heads=heads, sink=sink)
+        self._place(state, presents, t)
         state.prompt = t
-        return ad.logits(h[:, -1])[0].float()
+        return self.ad.lm_head(x[:, -1])[0].float()
 
     @torch.no_grad()
     def decode(self, method: Method, ids, state: State):
         """The full model (less method.decode_skip) over new tokens after the state's cache; logits of each."""
-        g, ad = self.graph, self.ad
-        past, t = state.seen, ids.shape[1]
-        h = g.embed(ids)
-        rope = g.ropes(self._positions(past, t), h)
-        seen = torch.ones(past + t, 1, dtype=torch.long)
-        masks = g.masks(seen, past, t)
-        hidden = seen.clone()
-        hidden[:state.prompt] = 0  # the prompt's entries, for layers whose KV projections the method drops
-        hidden_masks = g.masks(hidden, past, t)
-        for l in range(ad.num_layers):
-            if l in method.decode_skip:
-                continue
-            lm = hidden_masks if (not method.kv_projection and l in method.prefill_skip) else masks
-            h, k, v = g.layer(l, h, rope, lm, state.keys[l], state.values[l])
-            state.keys[l] = torch.cat([state.keys[l], seq_major(k)])
-            state.values[l] = torch.cat([state.values[l], seq_major(v)])
-        return ad.logits(h)[0].float()
+        g = self.graph
+        t = ids.shape[1]
+        step = self._step(state, t, True)
+        if not method.kv_projection:  # the prompt's entries of the pruned layers are unseen
+            step.hide = (tuple(method.prefill_skip), state.prompt)
+        pasts = list(zip(state.keys, state.values))
+        _, x, presents = g.layers(g.embed(ids), step, pasts, bypass=method.decode_skip)
+        self._place(state, presents, t)
+        return self.ad.lm_head(x)[0].float()
 
     @torch.no_grad()
     def prefill(self, method: Method, prompt):

@@ -1,69 +1,83 @@
-"""The one KV buffer both graphs read and write.
+"""The one KV buffer every graph reads and writes.
 
-Layout: [layer, k|v, slot, batch, kv_heads, head_dim], sequence-major per layer,
-so that "the first n slots of layer l's keys" and "slots p..p+t" are contiguous
-blocks.  The runtime hands the graphs such blocks by pointer: past inputs are
-prefixes, and new entries are written by the graphs straight into their slots.
-Nothing is concatenated or copied per step.
+Layout: [layer, k|v, row, kv_heads, slot, head_dim], one allocation.  Each layer's
+keys (or values) for rows 0..b-1 are one contiguous block, [b, kv_heads,
+max_seq_len, head_dim], which is what the graphs take as `past_key_l` /
+`past_value_l`, bound where it lies.  Every row keeps its own length: slot i of
+row r holds that row's token i (no padding before a row's tokens).
 
-The storage is allocated once for the largest batch seen; a request of batch b
-uses the first part of it, viewed with b as the batch axis, so its blocks stay
-contiguous too.  Where it lives is the backend's choice (`zeros`): a numpy
-array on the CPU, device memory for the GPU backends, whose views are the same
-blocks as addresses (backends/cuda.py, DeviceArray).  The mask stays on the
-host either way: it is a few bytes per slot, and the session writes it.
+New entries get there in one of two ways (docs/MANIFEST.md):
+- written in place by the graph (an output aliased to its past input: the fused
+  form's attention), or
+- returned as [b, kv_heads, T, head_dim] and placed here at each row's slots
+  (the plain form, and the pruned layers' KV heads): `place`.
+Neither copies the cache; a decode step allocates nothing.
+
+The storage is allocated once for the largest batch seen.  Where it lives is the
+backend's choice (`zeros`): a numpy array on the CPU, device memory for the GPU
+backends, whose views are the same blocks as addresses (backends/cuda.py); a
+device buffer places through the backend's `place`.
 """
 import numpy as np
 
 
 class KVBuffer:
-    def __init__(self, num_layers, kv_heads, head_dim, max_seq_len, dtype, batch=1, zeros=np.zeros):
-        self.shape = (num_layers, 2, max_seq_len, kv_heads, head_dim)  # batch goes in at axis 3
+    def __init__(self, num_layers, kv_heads, head_dim, max_seq_len, dtype, batch=1, zeros=np.zeros, place=None):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_seq_len = max_seq_len
         self.dtype = np.dtype(dtype)
-        self._zeros = zeros
+        self._zeros, self._place = zeros, place
         self._storage = zeros(0, self.dtype)
-        self._mask_storage = np.zeros(0, np.int64)
+        self.rows = 0
+        self.slots = np.arange(max_seq_len, dtype=np.int64)  # what plain decode graphs take as cache_slots
         self.use(batch)
 
     def use(self, batch):
-        """Views for a request of this batch; reallocates only when it is the largest yet."""
-        l, two, s, h, d = self.shape
-        need = l * two * s * batch * h * d
-        if need > self._storage.size:
+        """Room for `batch` rows; reallocates only when it is the largest yet (the contents go then)."""
+        if batch > self.rows:
             self._storage = None  # let the old allocation go before the new one is made
-            self._storage = self._zeros(need, self.dtype)
-            self._mask_storage = np.zeros(s * batch, np.int64)
-        self.batch = batch
-        self.cache = self._storage[:need].reshape(l, two, s, batch, h, d)
-        # Which slots hold real tokens (0 = padding or empty), sequence-major like the cache.
-        self.mask = self._mask_storage[:s * batch].reshape(s, batch)
-        self.mask[:] = 0
+            self._storage = self._zeros(self._size(batch), self.dtype)
+            self.rows = batch
+        self.cache = self._storage.reshape(self.num_layers, 2, self.rows, self.kv_heads, self.max_seq_len,
+                                           self.head_dim)
+
+    def _size(self, rows):
+        return self.num_layers * 2 * rows * self.kv_heads * self.max_seq_len * self.head_dim
 
     @property
     def nbytes(self):
-        return self._storage.nbytes + self._mask_storage.nbytes
+        return self._storage.nbytes
 
-    def block(self, layer, kv, start, length):
-        """Contiguous view of slots start..start+length of one layer's keys (kv=0) or values (kv=1)."""
-        return self.cache[layer, kv, start:start + length]
+    def block(self, layer, kv, rows):
+        """[rows, kv_heads, max_seq_len, head_dim] of one layer's keys (kv=0) or values (kv=1): contiguous."""
+        return self.cache[layer, kv, :rows]
+
+    def place(self, layer, kv, new, start):
+        """Writes new [b, kv_heads, T, head_dim] into rows 0..b-1 at slots start[r]..start[r]+T-1."""
+        if self._place is not None:
+            return self._place(self.block(layer, kv, new.shape[0]), new, start)
+        t = new.shape[2]
+        block = self.cache[layer, kv]
+        for r, s in enumerate(start):
+            block[r, :, s:s + t] = new[r]
 
 
-def prefill_io(kv, names, ids, pos, length, extra=None):
-    """Bindings for the prefill graph over slots 0..length, writing them in place.
-    extra: a VLM's further inputs (exporter/pop.py, extra_inputs)."""
-    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:length], **(extra or {})}
-    outputs = {}
-    for l, (_, _, pk, pv) in enumerate(names):
-        outputs[pk], outputs[pv] = kv.block(l, 0, 0, length), kv.block(l, 1, 0, length)
-    return inputs, outputs
+class Staging:
+    """Grow-only scratch for outputs the runtime places: views carved from one allocation per call."""
 
+    def __init__(self, dtype, zeros=np.zeros):
+        self.dtype, self._zeros = np.dtype(dtype), zeros
+        self._storage = zeros(0, self.dtype)
 
-def decode_io(kv, names, ids, pos, past, new, logits, extra=None):
-    """Bindings for the decode graph: slots 0..past are read, past..past+new written."""
-    inputs = {"input_ids": ids, "position_ids": pos, "attention_mask": kv.mask[:past + new], **(extra or {})}
-    outputs = {"logits": logits}
-    for l, (k, v, pk, pv) in enumerate(names):
-        inputs[k], inputs[v] = kv.block(l, 0, 0, past), kv.block(l, 1, 0, past)
-        outputs[pk], outputs[pv] = kv.block(l, 0, past, new), kv.block(l, 1, past, new)
-    return inputs, outputs
+    def views(self, shapes):
+        """One contiguous array per shape, side by side in the storage (grown when a call needs more)."""
+        need = sum(int(np.prod(s)) for s in shapes)
+        if need > self._storage.size:
+            self._storage = None
+            self._storage = self._zeros(need, self.dtype)
+        out, at = [], 0
+        for s in shapes:
+            n = int(np.prod(s))
+            out.append(self._storage[at:at + n].reshape(s))
+            at += n
+        return out

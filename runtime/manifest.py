@@ -25,10 +25,13 @@ from .errors import PopError
 
 FILE = "pop_manifest.json"
 FORMAT = "pop-manifest"
-SCHEMA_VERSION = 3  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
+SCHEMA_VERSION = 4  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
 # 3: a graph may be an AOTInductor package (format "aoti", its device, weights.tensors), which a
 #    version-2 runtime would hand to ONNX Runtime
-READABLE = (1, 2, 3)  # a version-1 manifest is a text model's version 2; a version-2 one is ONNX-only 3
+# 4: per-row cache lengths (seqlens_k, total_sequence_length) instead of attention_mask, the cache
+#    [batch, kv_heads, slot, head_dim] per layer, graph forms (fused, plain) and outputs written in
+#    place (alias): an older runtime would bind every input wrongly
+READABLE = (4,)
 
 
 def np_dtype(name):
@@ -94,13 +97,15 @@ class KVCache:
 class TensorSpec:
     name: str
     dtype: str
-    shape: list  # ints, or symbolic axes by name ("batch", "seq", "past", "total", ...)
+    shape: list  # ints, or symbolic axes by name ("batch", "seq", "image_tokens", ...)
+    alias: str | None = None  # outputs only: the input whose buffer the graph writes this output into
 
 
 @dataclass
 class Graph:
     file: str
     format: str = "onnx"  # or "aoti"
+    form: str = "plain"  # "fused": ONNX Runtime's contrib operators; "plain": standard ones (exporter/ops.py)
     opset: int | None = None  # ONNX only
     device: str | None = None  # AOTI only: a package runs on the device it was compiled for
     torch: str | None = None  # AOTI only: the torch that compiled it

@@ -77,7 +77,8 @@ class Multimodal:
         if found != encoded["image_embeds"].shape[0]:
             raise PopError(f"the prompt holds {found} image tokens but the images give "
                            f"{encoded['image_embeds'].shape[0]}: write image placeholders only where images are passed")
-        if (ids[:, -1] == self.token_id).any():
+        last = ids[np.arange(len(ids)), mask.sum(-1) - 1]  # each row's last real token
+        if (last == self.token_id).any():
             raise PopError("a prompt ends inside an image: the last prompt token must be text")
 
     def positions(self, ids, mask, request):
@@ -85,7 +86,7 @@ class Multimodal:
         return self.images.positions(ids, mask, request[1])[0]
 
     def groups(self, ids, mask):
-        """[B, N] image numbers for bidirectional attention (Gemma-3), else None."""
+        """[B, N] image numbers per token for bidirectional attention (Gemma-3), else None."""
         return self.images.token_groups(ids, mask)
 
     def feeds(self, window, encoded, groups):

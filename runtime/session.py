@@ -12,9 +12,15 @@ sequences the graph calls over it.  `steps`, `generate` and `stream` are thin
 wrappers, and the exporter's verification drives `run` too, so what is
 verified is what serves.
 
+Rows are right-padded and keep their own lengths: row r's token j is in slot j
+of the KV buffer, and every call tells the graphs, per row, the slot of its
+last real token (`seqlens_k`).  Nothing forces rows to line up, so rows of
+different lengths waste no slot and no compute on padding in decode.
+
 The session owns the buffers the graphs touch: token, position and group
-buffers, the logits, and the KV buffer, allocated for the largest batch seen.
-A step rebinds views of them and runs; nothing is allocated or copied per step.
+buffers, the logits, the KV buffer and the staging for outputs it places,
+allocated for the largest batch seen.  A step rebinds views of them and runs;
+a decode step allocates nothing and copies no cache.
 """
 import time
 from dataclasses import dataclass, field
@@ -24,7 +30,7 @@ import numpy as np
 
 from .backends import open_backend
 from .errors import PopError
-from .kv import KVBuffer, decode_io, prefill_io
+from .kv import KVBuffer, Staging
 from .manifest import Manifest, np_dtype
 from .multimodal import Multimodal
 from .sampling import Sampler
@@ -41,9 +47,9 @@ class ChatText(str):
 class Request:
     """One batch of prompts, encoded: everything the graphs need, nothing the session keeps."""
     rows: list  # prompt ids per row, without padding
-    ids: np.ndarray  # [B, N], left-padded: every row's last prompt token sits in slot N-1
+    ids: np.ndarray  # [B, N], right-padded: row r's token j sits in slot j
     mask: np.ndarray  # [B, N], 1 on real tokens
-    positions: np.ndarray  # [B, N], or [axes, B, N] for M-RoPE
+    positions: np.ndarray  # [B, N], or [axes, B, N] for M-RoPE (the rotary positions; text: the slot)
     images: dict | None = None  # VLMs: the vision graph's features of every image token (M = 0 without images)
     groups: np.ndarray | None = None  # [B, N] image number per token (bidirectional images), else None
     timings_ms: dict = field(default_factory=dict)  # prepare (tokenizing, image preprocessing) and vision
@@ -60,6 +66,43 @@ class Generation:
     timings_ms: dict = field(default_factory=dict)  # vision / prefill / boundary / decode steps
 
 
+class GraphIO:
+    """What one graph takes and returns, from its manifest entry: which inputs are KV buffers, and for
+    each present output, whether the graph writes it in place (aliased to its past input) or returns
+    the new tokens' entries for the runtime to place."""
+
+    def __init__(self, graph, manifest):
+        kv = {}
+        for l, names in enumerate(manifest.layer_names()):
+            for kind, name in enumerate(names[:2]):
+                kv[name] = (l, kind)
+            for kind, name in enumerate(names[2:]):
+                kv[name] = (l, kind)
+        self.past = [(i.name, kv[i.name]) for i in graph.inputs if i.name in kv]
+        self.aliased = [(o.name, kv[o.name]) for o in graph.outputs if o.name in kv and o.alias]
+        self.placed = [(o.name, kv[o.name]) for o in graph.outputs if o.name in kv and not o.alias]
+        self.logits = any(o.name == "logits" for o in graph.outputs)
+        self.slots = any(i.name == "cache_slots" for i in graph.inputs)
+        first = manifest.kv_cache.layers[0]
+        self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
+
+    def bind(self, kv, staging, ids, seqlens, total, extra, logits):
+        """(inputs, outputs, [((layer, k|v), staged array)]) for a call over ids [B, T]."""
+        b, t = ids.shape
+        inputs = {"input_ids": ids, "seqlens_k": seqlens, "total_sequence_length": total, **extra}
+        if self.slots:
+            inputs["cache_slots"] = kv.slots[:int(total)]
+        for name, (l, kind) in self.past:
+            inputs[name] = kv.block(l, kind, b)
+        outputs = {"logits": logits} if self.logits else {}
+        for name, (l, kind) in self.aliased:
+            outputs[name] = kv.block(l, kind, b)
+        staged = staging.views([(b, self.kv_heads, t, self.head_dim)] * len(self.placed))
+        for (name, _), array in zip(self.placed, staged):
+            outputs[name] = array
+        return inputs, outputs, [(where, array) for (_, where), array in zip(self.placed, staged)]
+
+
 class PopSession:
     def __init__(self, directory, manifest: Manifest, backend, tokenizer):
         self.directory, self.manifest, self.backend, self.tokenizer = Path(directory), manifest, backend, tokenizer
@@ -67,13 +110,15 @@ class PopSession:
         self.num_layers = len(layers)
         self.max_seq_len = int(manifest.max_seq_len)
         self.eos_ids = set(manifest.tokenizer.eos_ids)
-        self.names = manifest.layer_names()
-        self.kv = KVBuffer(self.num_layers, layers[0].kv_heads, layers[0].head_dim, self.max_seq_len,
-                           np_dtype(manifest.kv_cache.dtype), zeros=backend.zeros)
+        self.kv_dtype = np_dtype(manifest.kv_cache.dtype)
+        self.kv = KVBuffer(self.num_layers, layers[0].kv_heads, layers[0].head_dim, self.max_seq_len, self.kv_dtype,
+                           zeros=backend.zeros, place=getattr(backend, "place", None))
+        self.staging = Staging(self.kv_dtype, backend.zeros)
         logits = manifest.graphs["decode"].output("logits")
         self.vocab_size, self.logits_dtype = int(logits.shape[-1]), np_dtype(logits.dtype)
         self.position_axes = int(manifest.positions.axes)
         self.mm = Multimodal(manifest.vision, backend, manifest) if manifest.vision else None
+        self.io = {name: GraphIO(graph, manifest) for name, graph in manifest.graphs.items() if name != "vision"}
         self._batch = 0
         self._ensure(1)
 
@@ -116,45 +161,49 @@ class PopSession:
             s = self.max_seq_len
             self._ids = np.zeros(batch * s, np.int64)
             self._pos = np.zeros(self.position_axes * batch * s, np.int64)
-            self._groups = np.zeros(batch * s, np.int64)
+            self._groups = np.zeros((batch, s), np.int64)  # image number per slot, per row
+            self._seqlens = np.zeros(batch, np.int32)
             self._logits = np.zeros((batch, self.vocab_size), self.logits_dtype)
             self._batch = batch
+        self._total = np.zeros((), np.int32)
         self.kv.use(batch)
 
-    def _tokens(self, rows, start, length):
-        """[batch, length] contiguous view of the token buffer holding rows[:, start:start+length]."""
-        view = self._ids[:rows.shape[0] * length].reshape(rows.shape[0], length)
-        view[:] = rows[:, start:start + length]
+    def _tokens(self, rows):
+        """[batch, T] contiguous view of the token buffer holding rows."""
+        view = self._ids[:rows.size].reshape(rows.shape)
+        view[:] = rows
         return view
 
-    def _positions(self, pos, start, length):
-        """[B, length] (or [axes, B, length]) contiguous view holding pos[..., start:start+length]."""
-        shape = pos.shape[:-1] + (length,)
-        view = self._pos[:int(np.prod(shape))].reshape(shape)
-        view[:] = pos[..., start:start + length]
+    def _positions(self, pos):
+        """[axes, B, T] contiguous view of the position buffer holding pos."""
+        view = self._pos[:pos.size].reshape(pos.shape)
+        view[:] = pos
         return view
 
-    def _extra(self, request, window, end):
-        """The VLM inputs of a graph run over window [B, T] ending at slot end."""
-        if self.mm is None:
-            return None
-        b = window.shape[0]
-        groups = self._groups[:end * b].reshape(end, b)
-        return self.mm.feeds(window, request.images, groups)
-
-    def _run_prefill(self, request, ids, pos, length):
-        extra = self._extra(request, ids, length)
-        return self.backend.run("prefill", *prefill_io(self.kv, self.names, ids, pos, length, extra))
-
-    def _run_decode(self, request, ids, pos, past, new):
-        logits = self._logits[:ids.shape[0]]
-        extra = self._extra(request, ids, past + new)
-        gpu_ms = self.backend.run("decode", *decode_io(self.kv, self.names, ids, pos, past, new, logits, extra))
+    def _run(self, graph, request, ids, seqlens, total, positions=None):
+        """One graph call over ids [B, T]: per row, seqlens = the slot of its last real token after the
+        call, total = the longest row's length after it.  Places what the graph returns for placing."""
+        b, t = ids.shape
+        self._seqlens[:b] = seqlens
+        self._total[...] = total
+        extra = {}
+        if positions is not None:
+            extra["position_ids"] = self._positions(positions)
+        if self.mm is not None:
+            extra.update(self.mm.feeds(ids, request.images, self._groups[:b]))
+        logits = self._logits[:b]
+        inputs, outputs, placed = self.io[graph].bind(self.kv, self.staging, self._tokens(ids), self._seqlens[:b],
+                                                      self._total, extra, logits)
+        gpu_ms = self.backend.run(graph, inputs, outputs)
+        if placed:  # a first prompt fills every row from slot 0; later calls continue each row
+            start = np.zeros(b, np.int64) if total == t else self._seqlens[:b].astype(np.int64) + 1 - t
+            for (layer, kv), new in placed:
+                self.kv.place(layer, kv, new, start)
         return logits, gpu_ms
 
     # --- requests -----------------------------------------------------------
     def encode(self, prompts, images=None) -> Request:
-        """Tokenize (text) or take (ids) one prompt or a batch of them, left-pad, derive positions,
+        """Tokenize (text) or take (ids) one prompt or a batch of them, right-pad, derive positions,
         and for VLM artifacts run the vision graph.  images: one list of images per prompt."""
         t0 = time.perf_counter()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
@@ -180,13 +229,13 @@ class PopSession:
             raise PopError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         ids = np.zeros((len(rows), n), np.int64)
         mask = np.zeros((len(rows), n), np.int64)
-        for i, r in enumerate(rows):  # left padding: every row's last prompt token sits in slot n-1
-            ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
-        pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1)  # as HF derives positions for padded rows
+        for i, r in enumerate(rows):  # right padding: row i's token j sits in slot j
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        pos = np.broadcast_to(np.arange(n), ids.shape)
         if self.position_axes > 1:
             mrope = self.mm.positions(ids, mask, state) if state is not None else None
             pos = mrope if mrope is not None else np.broadcast_to(pos, (self.position_axes, *pos.shape))
-        request = Request(rows, ids, mask, pos)
+        request = Request(rows, ids, mask, np.ascontiguousarray(pos))
         request.timings_ms["prepare_ms"] = (time.perf_counter() - t0) * 1e3
         if self.mm is not None:
             self.attach_images(request, *self.mm.encode(state))
@@ -213,31 +262,34 @@ class PopSession:
         t0 = time.perf_counter()
         ids, pos = request.ids, request.positions
         b, n = ids.shape
+        lengths = np.array([len(r) for r in request.rows], np.int64)
+        rows = np.arange(b)
         self._ensure(b)
-        self.kv.mask[:n] = request.mask.T
+        mrope = self.position_axes > 1
         stats = {} if stats is None else stats
         gpu = stats["gpu_ms"] = {}  # GPU backends: each graph's time on the device, from CUDA events
         stats["prepare_ms"] = request.timings_ms.get("prepare_ms", 0.0)
         stats["vision_ms"] = request.timings_ms.get("vision_ms", 0.0)
         if self.mm is not None:
-            slots = self._groups[:self.max_seq_len * b].reshape(self.max_seq_len, b)
-            slots[:] = 0
+            self._groups[:b] = 0
             if request.groups is not None:
-                slots[:n] = request.groups.T
+                self._groups[:b, :n] = request.groups
         t1 = time.perf_counter()
+        last = ids[rows, lengths - 1][:, None]  # each row's last prompt token: the boundary
+        last_pos = pos[..., rows, lengths - 1][..., None] if mrope else None
         if mode == "pop" and n > 1:
-            gpu["prefill"] = self._run_prefill(request, self._tokens(ids, 0, n - 1), self._positions(pos, 0, n - 1),
-                                               n - 1)
+            # Prompt tokens 0..len-2 of each row; a one-token row has none, and its slot 0 is written
+            # again by the boundary step.
+            gpu["prefill"] = self._run("prefill", request, ids[:, :n - 1], np.maximum(lengths - 2, 0), n - 1,
+                                       pos[..., :n - 1] if mrope else None)[1]
             observe("prefill", None)
             t2 = time.perf_counter()
             stats["prefill_ms"] = (t2 - t1) * 1e3
-            logits, gpu["boundary"] = self._run_decode(request, self._tokens(ids, n - 1, 1),
-                                                       self._positions(pos, n - 1, 1), n - 1, 1)
+            logits, gpu["boundary"] = self._run("decode", request, last, lengths - 1, n, last_pos)
             stats["boundary_ms"] = (time.perf_counter() - t2) * 1e3
             observe("boundary", logits)
         else:
-            logits, gpu["prefill"] = self._run_decode(request, self._tokens(ids, 0, n), self._positions(pos, 0, n),
-                                                      0, n)
+            logits, gpu["prefill"] = self._run("decode", request, ids, lengths - 1, n, pos if mrope else None)
             stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3, 0.0
             gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
             observe("full", logits)
@@ -248,17 +300,17 @@ class PopSession:
         gpu["decode"] = []
         stats["prompt_ids"] = request.rows
         yield token
-        next_pos = pos[..., -1].max(axis=0) + 1 if pos.ndim == 3 else pos[:, -1] + 1
-        step_ids = self._ids[:b].reshape(b, 1)
-        step_pos = self._pos[:pos.shape[0] * b if pos.ndim == 3 else b].reshape(*pos.shape[:-2], b, 1)
-        for slot in range(n, min(n + max_new_tokens - 1, self.max_seq_len)):
+        seqlens = lengths - 1
+        next_pos = (pos.max(axis=(0, 2)) + 1)[None, :, None].repeat(self.position_axes, 0) if mrope else None
+        step_ids = np.zeros((b, 1), np.int64)
+        for _ in range(min(max_new_tokens - 1, self.max_seq_len - n)):
             t = time.perf_counter()
             step_ids[:, 0] = token
-            step_pos[..., 0] = next_pos
-            self.kv.mask[slot] = 1
-            logits, step_gpu = self._run_decode(request, step_ids, step_pos, slot, 1)
+            seqlens = seqlens + 1
+            logits, step_gpu = self._run("decode", request, step_ids, seqlens, int(seqlens.max()) + 1, next_pos)
             token = sampler(logits)
-            next_pos += 1
+            if mrope:
+                next_pos = next_pos + 1
             stats["decode_ms"].append((time.perf_counter() - t) * 1e3)
             if step_gpu is not None:
                 gpu["decode"].append(step_gpu)

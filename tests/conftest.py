@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from pop.exporter import sources
@@ -36,17 +37,26 @@ def hf_greedy(model, ids, max_new_tokens, eos_ids):
     return out[0, ids.shape[1]:].tolist()
 
 
+def rope_table_bytes(manifest):
+    """The rotary tables (cos and sin, [max_seq_len, head_dim / 2] per rope kind) the graphs hold as constants
+    beside the model's own parameters: tiny-gemma3 has two kinds (sliding and global layers)."""
+    kinds = 2 if manifest["model"]["architecture"].startswith("Gemma3") else 1
+    size = np.dtype(manifest["dtype"]).itemsize
+    return kinds * 2 * manifest["max_seq_len"] * manifest["kv_cache"]["layers"][0]["head_dim"] // 2 * size
+
+
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """exports(model, keep) -> artifact folder, exported once per session (keep=None: default)."""
+    """exports(model, keep, form) -> artifact folder, exported once per session (keep=None: the default K;
+    form=None: ONNX's default, the fused form; "plain": what --format trt writes, without engines)."""
     made = {}
 
-    def get(model, keep=None):
-        if (model, keep) not in made:
-            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}"
-            export(ExportOptions(model, out, prefill_layers=keep), progress=lambda m: None)
-            made[model, keep] = out
-        return made[model, keep]
+    def get(model, keep=None, form=None):
+        if (model, keep, form) not in made:
+            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}-{form}"
+            export(ExportOptions(model, out, prefill_layers=keep, graph_form=form), progress=lambda m: None)
+            made[model, keep, form] = out
+        return made[model, keep, form]
     return get
 
 

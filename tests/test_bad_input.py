@@ -110,8 +110,11 @@ def test_trt_missing_writes_onnx_and_fails(tmp_path):
     assert_one_line_error(run, "no TensorRT engine was built", "tensorrt")
     manifest = json.loads((out / "pop_manifest.json").read_text())
     assert manifest["engines"] == {} and not list(out.glob("*.engine"))
+    assert {g["form"] for g in manifest["graphs"].values()} == {"plain"}  # what TensorRT's parser reads
     ok = cli("pop-generate", out, "--prompt-ids", "1,72", "--max-new-tokens", 2, "--json")
-    assert ok.returncode == 0, ok.stderr
+    assert ok.returncode == 0, ok.stderr  # ONNX Runtime runs the plain form too
+    assert_one_line_error(cli("pop-generate", out, "--prompt-ids", "1,72", "--backend", "trt"),
+                          "no TensorRT engine for prefill, decode", "--format trt")
 
 
 def test_interrupted_export_leaves_nothing_complete(tmp_path):

@@ -17,10 +17,8 @@ from pop.exporter.export import export
 from pop.exporter.options import ExportOptions
 from pop.exporter.families import adapter_for
 from pop.exporter.verify import TOLERANCE
-from pop.runtime.backends.ort import OrtBackend
 from pop.runtime.errors import PopError
-from pop.runtime.kv import KVBuffer, decode_io, prefill_io
-from pop.runtime.manifest import Manifest
+from pop.runtime.session import PopSession
 
 from conftest import BIN, EXCERPTS, cli
 
@@ -169,10 +167,15 @@ def test_sink_is_each_rows_first_position_zero():
     assert sink_mask(mrope).tolist() == [[True, False, False, False, False]]
 
 
-def test_fitted_graphs_use_only_tensorrt_supported_ops(fitted_export):
-    out, manifest, _ = fitted_export
-    for name, graph in manifest["graphs"].items():
-        assert to_tensorrt.unsupported(out / graph["file"]) == [], name
+def test_fitted_graphs_use_only_tensorrt_supported_ops(fitted_export, tmp_path):
+    """The plain form (what --format trt writes) of a fitted export; the fused one holds ONNX Runtime's
+    operators by design."""
+    _, manifest, calib = fitted_export
+    assert {g["form"] for g in manifest["graphs"].values()} == {"fused"}
+    out, plain = export(ExportOptions("tiny-gemma3", tmp_path / "plain", prefill_layers=EXPORT_K, kv_heads="fitted",
+                                      calib=calib, graph_form="plain", skip_verify=True), progress=lambda m: None)
+    for name, graph in plain.graphs.items():
+        assert graph.form == "plain" and to_tensorrt.unsupported(out / graph.file) == [], name
 
 
 def test_fitted_export_manifest_and_verification(fitted_export):
@@ -195,27 +198,23 @@ def test_fitted_export_manifest_and_verification(fitted_export):
     assert json.loads((out / "pop_manifest.json").read_text())["kv_heads"] == section
 
 
-def _run(directory, ids, n):
-    manifest = Manifest.load(directory)
-    backend, names = OrtBackend(directory, manifest), manifest.layer_names()
-    spec = manifest.kv_cache.layers[0]
-    kv = KVBuffer(6, spec.kv_heads, spec.head_dim, n, np.float32, batch=1)
-    kv.mask[:] = 1
-    pos = np.arange(n)[None]
-    backend.run("prefill", *prefill_io(kv, names, ids[:, :-1].copy(), pos[:, :-1].copy(), n - 1))
-    prefill = kv.cache.copy()
-    logits = np.zeros((1, tiny.VOCAB), np.float32)
-    backend.run("decode", *decode_io(kv, names, ids[:, -1:].copy(), pos[:, -1:].copy(), n - 1, 1, logits))
-    return prefill, kv, logits, backend, names
+def _prefill(session, ids):
+    """The KV buffer [layer, k|v, slot, kv_heads, head_dim] of row 0 right after the prefill graph."""
+    seen = {}
+
+    def observe(phase, logits):
+        if phase == "prefill":
+            seen["cache"] = session.kv.cache[:, :, 0].transpose(0, 1, 3, 2, 4).copy()
+    next(session.run(session.encode(ids), 1, "pop", observe=observe))
+    return seen["cache"]
 
 
 def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, exports, hf_models):
     fitted_dir, manifest, _ = fitted_export
-    original_dir = exports("tiny-gemma3")
-    ids = np.array([[1, *tiny.build("tiny-gemma3")[1](HELD, add_special_tokens=False).input_ids[:29]]])
-    n = ids.shape[1]
-    pf, kv_f, _, backend_f, names = _run(fitted_dir, ids, n)
-    po, _, _, backend_o, _ = _run(original_dir, ids, n)
+    fitted, original = PopSession.load(fitted_dir), PopSession.load(exports("tiny-gemma3"))
+    ids = [1, *tiny.build("tiny-gemma3")[1](HELD, add_special_tokens=False).input_ids[:29]]
+    n = len(ids)
+    pf, po = _prefill(fitted, ids), _prefill(original, ids)
     # prefill: kept layers identical, pruned layers (past the first, self-fed one) differ
     np.testing.assert_array_equal(pf[:EXPORT_K, :, :n - 1], po[:EXPORT_K, :, :n - 1])
     assert np.abs(pf[EXPORT_K + 1:, :, :n - 1] - po[EXPORT_K + 1:, :, :n - 1]).max() > 1e-3
@@ -224,21 +223,18 @@ def test_fitted_matrices_are_used_by_the_prefill_graph_only(fitted_export, expor
     # and they are the fitted reference's
     hf = hf_models("tiny-gemma3").model
     heads = _calibrate(hf, tiny.build("tiny-gemma3")[1], EXPORT_K)
-    ref = reference.cache_tensors(reference.prefill(hf, torch.tensor(ids[:, :-1]), torch.ones(1, n - 1, dtype=torch.long),
+    ref = reference.cache_tensors(reference.prefill(hf, torch.tensor([ids[:-1]]), torch.ones(1, n - 1, dtype=torch.long),
                                                     EXPORT_K, heads=heads))
     for l in range(EXPORT_K, 6):
         stored = ref[l][0].shape[0]
-        np.testing.assert_allclose(pf[l, 0, n - 1 - stored:n - 1], ref[l][0].numpy(), atol=1e-4, rtol=0)
-        np.testing.assert_allclose(pf[l, 1, n - 1 - stored:n - 1], ref[l][1].numpy(), atol=1e-4, rtol=0)
-    # decode: the same inputs and past give bit-identical outputs from both folders
+        np.testing.assert_allclose(pf[l, 0, n - 1 - stored:n - 1], ref[l][0][:, 0].numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(pf[l, 1, n - 1 - stored:n - 1], ref[l][1][:, 0].numpy(), atol=1e-4, rtol=0)
+    # decode: the same past gives bit-identical outputs from both folders' decode graphs
     outs = []
-    for backend in (backend_f, backend_o):
-        kv = KVBuffer(6, *pf.shape[-2:], n, np.float32, batch=1)
-        kv.mask[:] = 1
-        kv.cache[:, :, :n - 1] = pf[:, :, :n - 1]
-        logits = np.zeros((1, tiny.VOCAB), np.float32)
-        backend.run("decode", *decode_io(kv, names, ids[:, -1:].copy(), np.array([[n - 1]]), n - 1, 1, logits))
-        outs.append((logits, kv.cache[:, :, n - 1].copy()))
+    for session in (fitted, original):
+        session.kv.cache[:, :, 0, :, :n - 1] = pf[:, :, :n - 1].transpose(0, 1, 3, 2, 4)
+        logits, _ = session._run("decode", session.encode([ids]), np.array([[ids[-1]]]), np.array([n - 1]), n)
+        outs.append((logits.copy(), session.kv.cache[:, :, 0, :, n - 1].copy()))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     # the extra parameters are in the shared weights file once, and the graphs hold 2 * (L-K) more matrices at most
@@ -255,8 +251,8 @@ def test_eval_runs_fitted_heads_like_the_reference_and_recommends_within_budget(
     ref = reference.prefill(model, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long),
                             KEEP, heads=heads)
     for l, (k, v) in enumerate(reference.cache_tensors(ref)):  # the prompt's entries, before the boundary token's
-        assert torch.allclose(state.keys[l][:-1], k, atol=1e-5)
-        assert torch.allclose(state.values[l][:-1], v, atol=1e-5)
+        ours = state.entries(l)
+        assert torch.allclose(ours[0][:-1], k, atol=1e-5) and torch.allclose(ours[1][:-1], v, atol=1e-5)
 
     text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
     text.write_text(HELD * 3)

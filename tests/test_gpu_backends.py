@@ -21,7 +21,7 @@ from pop.runtime.backends import cuda
 from pop.runtime.backends.ort import require_provider
 from pop.runtime.backends.trt import ALIGNMENT, check_engine
 from pop.runtime.errors import PopError
-from pop.runtime.kv import KVBuffer, decode_io, prefill_io
+from pop.runtime.kv import KVBuffer
 from pop.runtime.session import PopSession
 
 from conftest import cli
@@ -36,29 +36,32 @@ def _host_zeros(shape, dtype):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_device_kv_blocks_are_numpys_blocks(exports, batch):
+    """What a session binds (GraphIO) addresses the same bytes of a device buffer as of a host one."""
+    from pop.runtime.kv import Staging
+    from pop.runtime.session import GraphIO
     man = Manifest.load(exports("tiny-llama"))
     spec = man.kv_cache.layers[0]
     args = (len(man.kv_cache.layers), spec.kv_heads, spec.head_dim, 40, np.float32)
     host = KVBuffer(*args, batch=4)
     dev = KVBuffer(*args, batch=4, zeros=_host_zeros)
     host.use(batch)
-    dev.use(batch)  # a smaller batch is a view of the first part of the storage, on both
+    dev.use(batch)  # a smaller batch is a view of the first rows of each layer's block, on both
     host_base, dev_base = host._storage.ctypes.data, dev._storage.ptr
-    names = man.layer_names()
-    ids, pos = np.zeros((batch, 5), np.int64), np.zeros((batch, 5), np.int64)
+    ids, seqlens, total = np.zeros((batch, 5), np.int64), np.zeros(batch, np.int32), np.zeros((), np.int32)
     logits = np.zeros((batch, 7), np.float32)
-    for (h_in, h_out), (d_in, d_out) in [
-            (prefill_io(host, names, ids, pos, 5), prefill_io(dev, names, ids, pos, 5)),
-            (decode_io(host, names, ids[:, :1], pos[:, :1], 17, 1, logits),
-             decode_io(dev, names, ids[:, :1], pos[:, :1], 17, 1, logits))]:
+    for graph in ("prefill", "decode"):
+        io = GraphIO(man.graphs[graph], man)
+        h_in, h_out, _ = io.bind(host, Staging(np.float32), ids, seqlens, total, {}, logits)
+        d_in, d_out, _ = io.bind(dev, Staging(np.float32, _host_zeros), ids, seqlens, total, {}, logits)
         for h, d in [(h_in, d_in), (h_out, d_out)]:
             assert h.keys() == d.keys()
             for name in h:
-                if isinstance(d[name], np.ndarray):  # ids, positions, mask, logits stay host arrays
+                if isinstance(d[name], np.ndarray):  # ids, lengths, logits stay host arrays
                     assert d[name].shape == h[name].shape and not name.startswith(("past_", "present_")), name
                     continue
                 assert d[name].shape == h[name].shape and d[name].dtype == h[name].dtype, name
-                assert d[name].ptr - dev_base == h[name].ctypes.data - host_base, name
+                if name.startswith("past_") or name in dict(io.aliased):
+                    assert d[name].ptr - dev_base == h[name].ctypes.data - host_base, name
                 assert d[name].nbytes == h[name].nbytes, name
 
 
@@ -77,16 +80,15 @@ def test_device_array_refuses_strided_views():
         a.reshape(7, 7)
 
 
-def test_trt_alignment_holds_for_the_large_models_it_targets():
-    # a slot is kv_heads * head_dim * 2 bytes in fp16: Llama-3.1-8B and Qwen3-VL-8B (8 x 128),
-    # Gemma-3-12B (8 x 256) give every KV block an aligned address, so none goes through staging
-    for heads, dim in ((8, 128), (8, 256)):
-        kv = KVBuffer(4, heads, dim, 1000, np.float16, zeros=_host_zeros)
+def test_kv_blocks_are_aligned_for_tensorrt():
+    """Graphs bind whole [rows, kv_heads, max_seq_len, head_dim] blocks, so every address a GPU backend binds
+    is a multiple of a block from cudaMalloc's 256-byte-aligned start: SmolLM2-135M's 3 x 64 heads included,
+    which the old per-slot binding had to stage."""
+    for heads, dim, seq in ((8, 128, 1000), (8, 256, 4096), (3, 64, 2048), (1, 256, 512)):
+        kv = KVBuffer(4, heads, dim, seq, np.float16, batch=3, zeros=_host_zeros)
         base = kv._storage.ptr  # cudaMalloc's are 256-byte aligned; numpy's, used here, need not be
-        assert all((kv.block(l, k, s, 1).ptr - base) % ALIGNMENT == 0
-                   for l in range(4) for k in (0, 1) for s in (0, 1, 999))
-    kv = KVBuffer(4, 3, 64, 1000, np.float16, zeros=_host_zeros)  # SmolLM2-135M: 384 bytes a slot
-    assert (kv.block(0, 0, 1, 1).ptr - kv._storage.ptr) % ALIGNMENT != 0  # these go through staging
+        assert all((kv.block(l, k, rows).ptr - base) % ALIGNMENT == 0
+                   for l in range(4) for k in (0, 1) for rows in (1, 3))
 
 
 def test_ort_cpu_fallback_is_refused():
@@ -125,9 +127,9 @@ def test_ort_cuda_without_a_gpu_says_so(exports, tool):
     assert why in run.stderr
 
 
-def test_trt_backend_needs_engines(exports):
+def test_trt_backend_refuses_fused_graphs(exports):
     run = cli("pop-generate", exports("tiny-llama"), "--prompt-ids", "1,2,3", "--backend", "trt")
-    assert_one_line_error(run, "no TensorRT engine for prefill, decode", "--format trt")
+    assert_one_line_error(run, "ONNX Runtime's contrib operators", "TensorRT cannot run", "--format trt")
 
 
 def test_trt_backend_without_tensorrt_says_so(exports, tmp_path):
@@ -136,7 +138,7 @@ def test_trt_backend_without_tensorrt_says_so(exports, tmp_path):
         pytest.skip(f"TensorRT {version} is installed here: the failure this test checks cannot happen")
     art = tmp_path / "art"
     art.mkdir()
-    src = exports("tiny-llama")
+    src = exports("tiny-llama", form="plain")
     for f in src.rglob("*"):
         if f.is_file():
             (art / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,9 @@ def test_engine_built_elsewhere_is_refused():
 
 def test_bf16_graphs_are_written_for_the_gpu(tmp_path):
     out = tmp_path / "bf16"
-    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--dtype", "bf16", "--skip-verify")
+    # the plain form, which TensorRT parses (the fused one is ONNX Runtime CUDA's)
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--dtype", "bf16", "--skip-verify",
+              "--graph-form", "plain")
     assert run.returncode == 0, run.stderr
     man = Manifest.load(out)
     assert man.dtype == man.kv_cache.dtype == "bfloat16"

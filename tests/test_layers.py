@@ -15,7 +15,7 @@ PACKAGES = {"exporter": "pop.exporter", "runtime": "pop.runtime", "quality": "po
 LAYERS = [
     ("contract", ("pop.runtime.errors", "pop.runtime.manifest")),
     ("families", ("pop.exporter.families",)),
-    ("POP graphs", ("pop.exporter.pop",)),
+    ("POP graphs", ("pop.exporter.pop", "pop.exporter.ops")),
     ("runtime", ("pop.runtime",)),
     ("exporter", ("pop.exporter",)),
     ("tools", ("pop.quality", "pop.bench")),

@@ -84,15 +84,15 @@ def test_pop_cache_is_the_kv_projection(runner):
     ref = reference.prefill(run.graph.hf, torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1, dtype=torch.long),
                             keep)
     for l, (k, v) in enumerate(reference.cache_tensors(ref)):
-        assert torch.allclose(state.keys[l][:-1], k, atol=1e-5)
-        assert torch.allclose(state.values[l][:-1], v, atol=1e-5)
+        ours = state.entries(l)
+        assert torch.allclose(ours[0][:-1], k, atol=1e-5) and torch.allclose(ours[1][:-1], v, atol=1e-5)
     # the first third pruned instead: those layers' caches come from the embeddings
     first = Method("first", (0, 1))
     _, state = run.prefill(first, prompt)
     h = run.graph.hf.model.embed_tokens(torch.tensor([prompt[:-1]]))
     for l in (0, 1):
         k, v = reference.kv_projection(run.graph.hf, l, h, torch.arange(len(prompt) - 1)[None])
-        assert torch.allclose(state.keys[l][:-1], k.permute(2, 0, 1, 3), atol=1e-5)
+        assert torch.allclose(state.entries(l)[0][:-1], k.permute(2, 0, 1, 3), atol=1e-5)
 
 
 def test_without_kv_projections_the_prompt_entries_are_unseen(runner):
@@ -108,8 +108,8 @@ def test_without_kv_projections_the_prompt_entries_are_unseen(runner):
             run.shallow(method, ids[:, :-1], state)
             if scramble:
                 for l in method.prefill_skip:
-                    state.keys[l] = torch.randn_like(state.keys[l]) * 10
-                    state.values[l] = torch.randn_like(state.values[l]) * 10
+                    state.keys[l][:] = torch.randn_like(state.keys[l]) * 10
+                    state.values[l][:] = torch.randn_like(state.values[l]) * 10
             logits.append(run.decode(method, ids[:, -1:], state)[-1])
         assert torch.equal(logits[0], logits[1]) == unseen, method.name
 

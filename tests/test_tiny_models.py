@@ -7,12 +7,9 @@ import torch
 
 from pop.exporter import reference
 from pop.exporter.verify import TOLERANCE
-from pop.runtime.backends.ort import OrtBackend
-from pop.runtime.kv import KVBuffer, decode_io, prefill_io
-from pop.runtime.manifest import Manifest
 from pop.runtime.session import PopSession
 
-from conftest import cli, generate_json, hf_greedy
+from conftest import cli, generate_json, hf_greedy, rope_table_bytes
 
 TINY = ["tiny-llama", "tiny-qwen3", "tiny-gemma3"]
 # Byte-level prompts; the long one (38 tokens) is far past tiny-gemma3's window of 8.
@@ -72,8 +69,14 @@ def test_prompt_text_is_tokenized_as_hf_does(unpruned, hf_models):
     assert json.loads(out.stdout)["prompt_ids"] == _ids(hf_models("tiny-llama"), PROMPTS[1])
 
 
+def _rows(kv, layer, kind, row, length):
+    """Row `row`'s first `length` cached K (kind 0) or V entries, [slots, kv_heads, head_dim]."""
+    return kv.cache[layer, kind, row, :, :length].transpose(1, 0, 2)
+
+
 def test_default_pruning_graphs_match_reference(family, exports, hf_models):
-    """Each graph alone, at shapes unlike the trace sample, against the eager reference."""
+    """The prefill graph, then the boundary step, at shapes unlike the trace sample (two rows of different
+    lengths, past tiny-gemma3's window of 8), against the eager reference row by row."""
     directory = exports(family)
     manifest = json.loads((directory / "pop_manifest.json").read_text())
     hf = hf_models(family).model
@@ -81,31 +84,32 @@ def test_default_pruning_graphs_match_reference(family, exports, hf_models):
     keep = manifest["pop"]["prefill_layers"]
     assert keep == layers - layers // 3 and manifest["pop"]["pruned_layers"] == list(range(keep, layers))
     assert manifest["verification"]["passed"]
+    assert {g["form"] for g in manifest["graphs"].values()} == {"fused"}
 
-    backend = OrtBackend(directory, Manifest.load(directory))
-    names = Manifest.load(directory).layer_names()
-    spec = manifest["kv_cache"]["layers"][0]
-    b, n = 2, 19  # n - 1 = 18 > tiny-gemma3's window of 8
-    kv = KVBuffer(layers, spec["kv_heads"], spec["head_dim"], n, np.float32, batch=b)
-    kv.mask[:] = 1
-    ids = torch.randint(3, hf.config.vocab_size, (b, n), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(b, n, dtype=torch.long)
-    pos = reference.positions(mask)
-    backend.run("prefill", *prefill_io(kv, names, ids[:, :-1].numpy().copy(), pos[:, :-1].numpy().copy(), n - 1))
-    ref = reference.prefill(hf, ids[:, :-1], mask[:, :-1], keep)
-    for l, (k, v) in enumerate(reference.cache_tensors(ref)):
-        stored = k.shape[0]
-        np.testing.assert_allclose(kv.cache[l, 0, n - 1 - stored:n - 1], k.numpy(), atol=TOLERANCE["float32"], rtol=0)
-        np.testing.assert_allclose(kv.cache[l, 1, n - 1 - stored:n - 1], v.numpy(), atol=TOLERANCE["float32"], rtol=0)
+    session = PopSession.load(directory)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (19, 12)]
+    seen = {}
 
-    logits = np.zeros((b, hf.config.vocab_size), np.float32)
-    backend.run("decode", *decode_io(kv, names, ids[:, -1:].numpy().copy(), pos[:, -1:].numpy().copy(), n - 1, 1,
-                                     logits))
-    ref_logits = reference.step(hf, ids[:, -1:], mask, ref).numpy()
-    np.testing.assert_allclose(logits, ref_logits, atol=TOLERANCE["float32"], rtol=0)
-    for l, (k, v) in enumerate(reference.cache_tensors(ref)):  # the boundary token's own K/V
-        np.testing.assert_allclose(kv.cache[l, 0, n - 1], k[-1].numpy(), atol=TOLERANCE["float32"], rtol=0)
-        np.testing.assert_allclose(kv.cache[l, 1, n - 1], v[-1].numpy(), atol=TOLERANCE["float32"], rtol=0)
+    def observe(phase, logits):
+        seen[phase] = (session.kv.cache.copy(), None if logits is None else logits.copy())
+    next(session.run(session.encode(rows), 1, "pop", observe=observe))
+    tol = TOLERANCE["float32"]
+    for b, row in enumerate(rows):
+        ids = torch.tensor([row])
+        mask = torch.ones_like(ids)
+        ref = reference.prefill(hf, ids[:, :-1], mask[:, :-1], keep)
+        cache, _ = seen["prefill"]
+        n = len(row) - 1
+        for l, (k, v) in enumerate(reference.cache_tensors(ref)):
+            stored = k.shape[0]  # HF keeps only a sliding layer's window
+            np.testing.assert_allclose(cache[l, 0, b, :, n - stored:n].transpose(1, 0, 2), k[:, 0], atol=tol, rtol=0)
+            np.testing.assert_allclose(cache[l, 1, b, :, n - stored:n].transpose(1, 0, 2), v[:, 0], atol=tol, rtol=0)
+        cache, logits = seen["boundary"]
+        np.testing.assert_allclose(logits[b], reference.step(hf, ids[:, -1:], mask, ref)[0].numpy(), atol=tol, rtol=0)
+        for l, (k, v) in enumerate(reference.cache_tensors(ref)):  # the boundary token's own K/V, at slot n
+            np.testing.assert_allclose(cache[l, 0, b, :, n], k[-1, 0], atol=tol, rtol=0)
+            np.testing.assert_allclose(cache[l, 1, b, :, n], v[-1, 0], atol=tol, rtol=0)
 
 
 def test_default_pruning_generation_equals_reference(family, exports, hf_models):
@@ -151,7 +155,8 @@ def test_batch_of_two(family, exports, hf_models, texts):
 
 
 def test_kv_buffer_is_written_in_place(family, exports, hf_models):
-    """The graphs write the prompt's K/V straight into the session's one buffer."""
+    """The graphs write the prompt's K/V straight into the session's one buffer (the fused form's attention
+    in place; the pruned layers' KV heads placed by the runtime), which is never reallocated."""
     session = PopSession.load(exports(family))
     hf = hf_models(family)
     storage = session.kv._storage
@@ -164,8 +169,8 @@ def test_kv_buffer_is_written_in_place(family, exports, hf_models):
     n = len(ids) - 1
     for l, (k, v) in enumerate(reference.cache_tensors(ref)):
         stored = k.shape[0]
-        np.testing.assert_allclose(session.kv.cache[l, 0, n - stored:n], k.numpy(), atol=1e-4, rtol=0)
-        np.testing.assert_allclose(session.kv.cache[l, 1, n - stored:n], v.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_rows(session.kv, l, 0, 0, n)[n - stored:], k[:, 0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(_rows(session.kv, l, 1, 0, n)[n - stored:], v[:, 0], atol=1e-4, rtol=0)
 
 
 def test_weights_are_stored_once(family, exports):
@@ -187,7 +192,7 @@ def test_weights_are_stored_once(family, exports):
     # every byte the two graphs reference, counted per graph, exceeds what is stored
     assert manifest["weights"]["stored_bytes"] < manifest["weights"]["referenced_bytes"]
     assert (directory / "weights.bin").stat().st_size == manifest["weights"]["bytes"]
-    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01
+    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01 + rope_table_bytes(manifest)
 
 
 def test_sampling_is_seeded(family, exports):
@@ -206,7 +211,8 @@ def test_fp16_export_is_verified_and_runs(tmp_path):
     manifest = json.loads((out / "pop_manifest.json").read_text())
     report = manifest["verification"]
     assert manifest["dtype"] == "float16" and report["passed"] and report["tolerance"] == TOLERANCE["float16"]
-    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01  # 2 bytes a weight
+    # 2 bytes a weight
+    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01 + rope_table_bytes(manifest)
     got = generate_json(out, [1, 72, 101, 108, 108, 111], 8, extra=("--ignore-eos",))
     assert len(got["output_ids"]) == 8
 

@@ -83,9 +83,14 @@ def test_kv_buffer_views_stay_contiguous():
     storage = kv._storage
     kv.use(2)
     assert kv._storage is storage  # a smaller batch reuses the allocation
-    block = kv.block(1, 0, 3, 5)
-    assert block.shape == (5, 2, 2, 4) and block.flags.c_contiguous
-    assert kv.block(2, 1, 0, 0).shape == (0, 2, 2, 4)
+    block = kv.block(1, 0, 3)  # layer 1's keys of rows 0..2: what a graph binds as past_key_1
+    assert block.shape == (3, 2, 10, 4) and block.flags.c_contiguous
+    assert block.ctypes.data == storage.ctypes.data + (1 * 2 + 0) * 4 * 2 * 10 * 4 * 4  # [layer, k|v, row, ...]
+    new = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4) + 1  # 3 new tokens of 2 rows
+    kv.place(2, 1, new, [5, 0])  # row 0 continues at slot 5, row 1 starts at 0
+    np.testing.assert_array_equal(kv.cache[2, 1, 0, :, 5:8], new[0])
+    np.testing.assert_array_equal(kv.cache[2, 1, 1, :, 0:3], new[1])
+    assert np.count_nonzero(kv.cache) == new.size  # nothing else was touched
 
 
 def test_manifest_round_trip(exports, tmp_path):

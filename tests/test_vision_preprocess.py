@@ -17,6 +17,7 @@ from pop.exporter.families.qwen3_vl import image_only_processor
 from pop.runtime.chat import render, user_message
 from pop.runtime.errors import PopError
 from pop.runtime.vision import load_image, processor_for
+from pop.runtime.manifest import Encoder, Merge, Vision
 
 QWEN_SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
@@ -59,14 +60,14 @@ def qwen_model(processor):
 def qwen_spec(processor, model):
     """Where each manifest value comes from."""
     images = processor.image_processor
-    return {"family": "qwen3_vl", "image_token": processor.image_token, "image_token_id": processor.image_token_id,
+    return spec(**{"family": "qwen3_vl", "image_token": processor.image_token, "image_token_id": processor.image_token_id,
             "vision_start_token_id": processor.vision_start_token_id,
             "patch_size": images.patch_size, "temporal_patch_size": images.temporal_patch_size,
             "merge_size": images.merge_size,
             "min_pixels": images.size["shortest_edge"], "max_pixels": images.size["longest_edge"],
             "image_mean": list(images.image_mean), "image_std": list(images.image_std),
             "rescale_factor": images.rescale_factor, "resample": PILImageResampling(images.resample).name.lower(),
-            "num_grid_per_side": model.visual.num_grid_per_side}
+            "num_grid_per_side": model.visual.num_grid_per_side})
 
 
 def gemma_processor(size=64, image_seq_length=16):
@@ -80,12 +81,17 @@ def gemma_processor(size=64, image_seq_length=16):
 
 def gemma_spec(processor):
     images = processor.image_processor
-    return {"family": "gemma3", "image_token": processor.image_token,
+    return spec(**{"family": "gemma3", "image_token": processor.image_token,
             "image_token_id": processor.tokenizer.image_token_id,
             "full_image_sequence": processor.full_image_sequence, "tokens_per_image": processor.image_seq_length,
             "image_size": images.size["height"], "image_mean": list(images.image_mean),
             "image_std": list(images.image_std), "rescale_factor": images.rescale_factor,
-            "resample": PILImageResampling(images.resample).name.lower()}
+            "resample": PILImageResampling(images.resample).name.lower()})
+
+
+def spec(**fields):
+    """The manifest's vision section; the encoder's shapes (for pop-bench's cost model) do not matter here."""
+    return Vision(**fields, encoder=Encoder(1, 1, 1, 1, 1, 0, 1), merge=Merge([], ""))
 
 
 def save_png(tmp_path, width, height, seed, mode="RGB"):
@@ -127,7 +133,7 @@ def test_qwen_pixels_match_hf(tmp_path, qwen, sizes):
 def test_qwen_max_pixels_is_hit(tmp_path, qwen):
     _, ours, _ = qwen
     _, grids = ours.pixels([save_png(tmp_path, 400, 300, 0)])
-    assert grids[0].prod() * 16 * 16 <= ours.spec["max_pixels"] < 400 * 300
+    assert grids[0].prod() * 16 * 16 <= ours.spec.max_pixels < 400 * 300
 
 
 def test_qwen_vision_inputs_match_hf(qwen):
@@ -136,7 +142,7 @@ def test_qwen_vision_inputs_match_hf(qwen):
     got = ours.vision_inputs(grids)
     grid_t = torch.from_numpy(grids)
     index, weight = vision_utils.get_vision_interpolation_indices_and_weights(
-        grid_t, ours.spec["num_grid_per_side"], mode="bilinear", align_corners=True, spatial_merge_size=2)
+        grid_t, ours.spec.num_grid_per_side, mode="bilinear", align_corners=True, spatial_merge_size=2)
     np.testing.assert_array_equal(got["pos_index"], index.numpy())
     assert got["pos_weight"].dtype == np.float32
     np.testing.assert_array_equal(got["pos_weight"], weight.numpy())  # same float32 steps: bit-exact
@@ -233,7 +239,8 @@ def test_placeholder_mismatch_raises_poperror(qwen, gemma):
     with pytest.raises(PopError, match=r"2 image placeholder\(s\) .* but 1 image\(s\)"):
         g.expand("<start_of_image><start_of_image>", 1)
     with pytest.raises(PopError, match="unknown vision family"):
-        processor_for({"family": "llava"})
+        processor_for(spec(family="llava", image_token="<image>", image_token_id=1, image_mean=[0.5] * 3,
+                           image_std=[0.5] * 3, rescale_factor=1 / 255, resample="bilinear"))
 
 
 def test_runtime_does_not_import_torch_or_transformers():

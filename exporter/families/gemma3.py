@@ -21,22 +21,24 @@ class Gemma3Adapter(LlamaAdapter):
     def rope(self, kind, position_ids, like):
         return self.body.rotary_emb(like, position_ids, kind)
 
-    def q(self, layer, x):
-        return self.layers[layer].self_attn.q_norm(super().q(layer, x))
+    def qk_norms(self, layer):
+        attn = self.layers[layer].self_attn
+        return attn.q_norm, attn.k_norm
 
-    def k(self, layer, x, proj=None):
-        return self.layers[layer].self_attn.k_norm(super().k(layer, x, proj))
+    def mlp_norm(self, layer):
+        return self.layers[layer].pre_feedforward_layernorm
 
-    def attn_branch(self, layer, attn):
+    def attn_out(self, layer, attn):
+        """Sandwich norms: the branch is normed before the residual add."""
         lyr = self.layers[layer]
         return lyr.post_attention_layernorm(lyr.self_attn.o_proj(attn))
 
-    def mlp_branch(self, layer, h):
+    def mlp_out(self, layer, x):
         lyr = self.layers[layer]
-        return lyr.post_feedforward_layernorm(lyr.mlp(lyr.pre_feedforward_layernorm(h)))
+        return lyr.post_feedforward_layernorm(lyr.mlp(x))
 
-    def logits(self, h):
-        out = super().logits(h)
+    def lm_head(self, x):
+        out = super().lm_head(x)
         cap = self.cfg.final_logit_softcapping
         if cap:
             out = (out / cap).tanh() * cap

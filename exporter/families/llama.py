@@ -78,6 +78,8 @@ class LlamaAdapter:
         return None
 
     # --- computation --------------------------------------------------------
+    # Norms are the HF RMSNorm modules: the plain graphs call them, the fused ones read their
+    # weight and epsilon (exporter/ops.py, graph_norm).
     def embed(self, input_ids):
         return self.body.embed_tokens(input_ids)
 
@@ -86,15 +88,31 @@ class LlamaAdapter:
         return "default"
 
     def rope(self, kind: str, position_ids, like):
+        """(cos, sin) [B, T, D] at position_ids, HF's own rotary module."""
         return self.body.rotary_emb(like, position_ids)
 
+    def input_norm(self, layer: int):
+        return self.layers[layer].input_layernorm
+
     def attn_norm(self, layer: int, h):
-        return self.layers[layer].input_layernorm(h)
+        return self.input_norm(layer)(h)
+
+    def mlp_norm(self, layer: int):
+        """The norm between the attention's residual add and the MLP."""
+        return self.layers[layer].post_attention_layernorm
+
+    def final_norm(self):
+        return self.body.norm
+
+    def qk_norms(self, layer: int):
+        """(q norm, k norm) over head_dim before RoPE, or (None, None)."""
+        return None, None
 
     def _heads(self, x, n):
         return x.view(*x.shape[:-1], n, self.head_dim)
 
     def q(self, layer: int, x):
+        """[B, T, Hq, D], projected; the q norm (where the family has one) is applied by the graph."""
         return self._heads(self.layers[layer].self_attn.q_proj(x), self.num_heads)
 
     def kv_proj(self, layer: int):
@@ -109,17 +127,17 @@ class LlamaAdapter:
     def v(self, layer: int, x, proj=None):
         return self._heads((self.kv_proj(layer)[1] if proj is None else proj)(x), self.num_kv_heads)
 
-    def attn_branch(self, layer: int, attn):
-        """What the attention sub-block adds to the residual stream."""
+    def attn_out(self, layer: int, attn):
+        """What the attention sub-block adds to the residual stream, from the heads' output [B, T, Hq*D]."""
         return self.layers[layer].self_attn.o_proj(attn)
 
-    def mlp_branch(self, layer: int, h):
-        """What the MLP sub-block adds to the residual stream."""
-        lyr = self.layers[layer]
-        return lyr.mlp(lyr.post_attention_layernorm(h))
+    def mlp_out(self, layer: int, x):
+        """What the MLP sub-block adds to the residual stream, from its normed input."""
+        return self.layers[layer].mlp(x)
 
-    def logits(self, h):
-        return self.hf.lm_head(self.body.norm(h))
+    def lm_head(self, x):
+        """Logits from the final norm's output."""
+        return self.hf.lm_head(x)
 
 
 def resample_name(image_processor):

@@ -5,8 +5,6 @@ from .llama import LlamaAdapter
 class Qwen3Adapter(LlamaAdapter):
     architectures = ("Qwen3ForCausalLM",)
 
-    def q(self, layer, x):
-        return self.layers[layer].self_attn.q_norm(super().q(layer, x))
-
-    def k(self, layer, x, proj=None):
-        return self.layers[layer].self_attn.k_norm(super().k(layer, x, proj))
+    def qk_norms(self, layer):
+        attn = self.layers[layer].self_attn
+        return attn.q_norm, attn.k_norm

@@ -49,7 +49,7 @@ def _describe(ep, input_names, output_names, axes_by_input):
                                    if s.kind == torch.export.graph_signature.InputKind.USER_INPUT}]
     symbols = {}
     for node, axes in zip(placeholders, axes_by_input):
-        for i, dim in axes.items():
+        for i, dim in (axes or {}).items():
             symbols[str(node.meta["val"].shape[i])] = dim.__name__
 
     def one(name, val):
@@ -81,8 +81,11 @@ def _write_weights(modules, out_dir: Path):
 
 
 class AotiFormat:
-    """AOTInductor packages, one per graph, over one weights.bin; run by torch's loader or the C++ runtime."""
+    """AOTInductor packages, one per graph, over one weights.bin; run by torch's loader or the C++ runtime.
+    The plain form: ONNX Runtime's operators do not exist in PyTorch."""
     name = "aoti"
+    default_form = "plain"
+    forms = ("plain",)
 
     def check(self, adapter):
         if adapter.image_inputs:
@@ -96,7 +99,8 @@ class AotiFormat:
         t = time.perf_counter()
         graphs = {}
         try:  # the plans move the model to the device; it goes back to the CPU whatever happens
-            graph_plans = plans(job.adapter, job.prefill_layers, job.max_seq_len, job.hf.dtype, job.heads, where)
+            graph_plans = plans(job.adapter, job.prefill_layers, job.max_seq_len, job.hf.dtype, job.heads, where,
+                                "plain")
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 for plan in graph_plans:
@@ -105,7 +109,7 @@ class AotiFormat:
                     job.progress(f"compiling the {plan.name} graph with AOTInductor for the {where.upper()} (minutes)")
                     torch._inductor.aoti_compile_and_package(ep, package_path=str(job.directory / f"{plan.name}.pt2"),
                                                              inductor_configs=INDUCTOR_CONFIGS)
-                    graphs[plan.name] = Graph(f"{plan.name}.pt2", FORMAT, device=where, torch=torch.__version__,
+                    graphs[plan.name] = Graph(f"{plan.name}.pt2", FORMAT, "plain", device=where, torch=torch.__version__,
                                               **_describe(ep, plan.input_names, plan.output_names,
                                                           plan.axes_by_input), role=ROLES[plan.name])
                     del ep

@@ -17,6 +17,7 @@ import torch
 
 from pop.runtime.manifest import Graph, TensorSpec, Weights
 
+from . import contrib
 from .plan import ROLES, GraphPlan, plans
 
 OPSET = 21  # 18..21 work; at 23 a fused RotaryEmbedding breaks ORT for batch > 1
@@ -31,23 +32,26 @@ def _quiet_tracer():
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def _export(plan: GraphPlan):
+def _export(plan: GraphPlan, table):
     return torch.onnx.export(plan.module.eval(), tuple(plan.args), input_names=list(plan.input_names),
                              output_names=list(plan.output_names), dynamic_shapes=tuple(plan.dynamic_shapes),
-                             dynamo=True, opset_version=OPSET, optimize=True, verbose=False).model
+                             dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                             custom_translation_table=table).model
 
 
-def trace(adapter, prefill_layers, max_seq_len, dtype, progress=print, heads=None):
-    """Returns {graph name: onnx_ir.Model}: prefill and decode, and vision for VLMs.
-    heads: fitted KV heads for the prefill graph (exporter/fitted_heads.py), or None."""
-    graphs = {}
+def trace(adapter, prefill_layers, max_seq_len, dtype, progress=print, heads=None, form="fused"):
+    """Returns ({graph name: onnx_ir.Model}, {graph name: GraphPlan}): prefill and decode, and vision
+    for VLMs.  heads: fitted KV heads for the prefill graph (exporter/fitted_heads.py), or None.
+    form: "fused" (ONNX Runtime's contrib operators) or "plain" (standard operators only)."""
+    graphs, graph_plans = {}, {}
     _quiet_tracer()
+    table = contrib.translations() if form == "fused" else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        for plan in plans(adapter, prefill_layers, max_seq_len, dtype, heads):
-            progress(f"tracing the {plan.name} graph ({plan.what})")
-            graphs[plan.name] = _export(plan)
-    return graphs
+        for plan in plans(adapter, prefill_layers, max_seq_len, dtype, heads, form=form):
+            progress(f"tracing the {plan.name} graph ({plan.what}, {form} form)")
+            graphs[plan.name], graph_plans[plan.name] = _export(plan, table), plan
+    return graphs, graph_plans
 
 
 def save_shared(graphs: dict, out_dir: Path) -> dict:
@@ -81,22 +85,26 @@ def save_shared(graphs: dict, out_dir: Path) -> dict:
     return {"stored_bytes": stored, "referenced_bytes": referenced, "unique_tensors": len(by_digest)}
 
 
-def describe(path: Path, role: str) -> Graph:
-    """The manifest's entry for a saved graph: names, dtypes and symbolic shapes of its IO."""
+def describe(path: Path, plan: GraphPlan, form: str) -> Graph:
+    """The manifest's entry for a saved graph: names, dtypes and symbolic shapes of its IO, and which
+    outputs the graph writes into an input's buffer."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
 
     def one(v):
         t = v.type.tensor_type
         return TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                          [d.dim_param or d.dim_value for d in t.shape.dim])
-    return Graph(path.name, "onnx", OPSET, inputs=[one(v) for v in model.graph.input],
-                 outputs=[one(v) for v in model.graph.output], role=role)
+                          [d.dim_param or d.dim_value for d in t.shape.dim], plan.aliases.get(v.name))
+    return Graph(path.name, "onnx", form if plan.name != "vision" else "plain", OPSET,
+                 inputs=[one(v) for v in model.graph.input], outputs=[one(v) for v in model.graph.output],
+                 role=ROLES[plan.name])
 
 
 class OnnxFormat:
-    """ONNX graphs (torch.onnx, dynamo) over one weights.bin, run by ONNX Runtime."""
+    """ONNX graphs (torch.onnx, dynamo) over one weights.bin, run by ONNX Runtime: the fused form."""
     name = "onnx"
+    default_form = "fused"
+    forms = ("fused", "plain")
 
     def check(self, adapter):
         pass  # every family exports to ONNX
@@ -104,11 +112,13 @@ class OnnxFormat:
     def write(self, job):
         """Traces the graphs into job.directory; returns ({name: Graph}, Weights, trace seconds)."""
         t = time.perf_counter()
-        graphs = trace(job.adapter, job.prefill_layers, job.max_seq_len, job.hf.dtype, job.progress, job.heads)
+        form = job.options.graph_form or self.default_form
+        graphs, graph_plans = trace(job.adapter, job.prefill_layers, job.max_seq_len, job.hf.dtype, job.progress,
+                                    job.heads, form)
         trace_s = time.perf_counter() - t
         job.progress("writing one shared weights file for both graphs")
         stored = save_shared(graphs, job.directory)
-        specs = {name: describe(job.directory / f"{name}.onnx", ROLES[name]) for name in graphs}
+        specs = {name: describe(job.directory / f"{name}.onnx", graph_plans[name], form) for name in graphs}
         weights = Weights(WEIGHTS, (job.directory / WEIGHTS).stat().st_size, stored["unique_tensors"],
                           stored["referenced_bytes"], stored["stored_bytes"])
         return specs, weights, trace_s

@@ -16,7 +16,7 @@ from ..pop import PopDecode, PopPrefill, extra_inputs
 SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 5, 7
 ROLES = {"vision": "images -> embeddings of their placeholder tokens",
          "prefill": "prompt tokens 1..N-1: layers < K, KV heads for layers >= K",
-         "decode": "full model over T >= 1 new tokens after a past cache"}
+         "decode": "full model over T >= 1 new tokens per row after each row's past"}
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GraphPlan:
     output_names: list
     dynamic_shapes: tuple  # torch.export's form: one entry per forward() argument, varargs as one tuple
     what: str  # for progress lines
+    aliases: dict  # output name -> the input whose buffer it is written into (the fused form's attention)
 
     @property
     def axes_by_input(self):
@@ -43,27 +44,16 @@ def io_names(num_layers):
     return [f"past_{c}" for c in cache], [f"present_{c}" for c in cache]
 
 
-def _text_sample(adapter, batch, seq, past, dtype, device):
-    ids = torch.randint(0, adapter.cfg.vocab_size, (batch, seq), device=device)
-    pos = torch.arange(past, past + seq, device=device).repeat(batch, 1)
-    if adapter.position_axes > 1:
-        pos = pos[None].expand(adapter.position_axes, batch, seq).contiguous()
-    mask = torch.ones(past + seq, batch, dtype=torch.long, device=device)
-    kv = [torch.zeros(past, batch, adapter.num_kv_heads, adapter.head_dim, dtype=dtype, device=device)
-          for _ in range(2 * adapter.num_layers)]
-    return ids, pos, mask, kv
-
-
-def _extra_sample(adapter, batch, seq, total, dtype, dims, device):
+def _extra_sample(adapter, batch, seq, max_seq_len, dtype, dims, device):
     """Sample values and dynamic axes of the family's extra inputs (pop.extra_inputs)."""
     hidden = adapter.cfg.hidden_size
     image_tokens = 3  # placed in both rows and across the batch boundary of the flat index
     values, axes = [], []
     for name in extra_inputs(adapter):
         if name == "token_groups":
-            groups = torch.zeros(total, batch, dtype=torch.long, device=device)
-            groups[-seq + 1:-seq + 3, 0] = 1
-            values.append(groups), axes.append({0: dims["total"], 1: dims["batch"]})
+            groups = torch.zeros(batch, max_seq_len, dtype=torch.long, device=device)
+            groups[0, 1:3] = 1
+            values.append(groups), axes.append({0: dims["batch"]})
         elif name == "image_embeds":
             values.append(torch.randn(image_tokens, hidden, dtype=dtype, device=device))
             axes.append({0: dims["image_tokens"]})
@@ -75,36 +65,64 @@ def _extra_sample(adapter, batch, seq, total, dtype, dims, device):
     return values, axes
 
 
-def plans(adapter, prefill_layers, max_seq_len, dtype, heads=None, device="cpu"):
+def plans(adapter, prefill_layers, max_seq_len, dtype, heads=None, device="cpu", form="plain"):
     """[GraphPlan] in export order: vision (VLMs), prefill, decode.
-    heads: fitted KV heads for the prefill graph (exporter/fitted_heads.py), or None."""
-    # past + seq <= max_seq_len and seq >= 1: the exporters want the bounds stated
+    heads: fitted KV heads for the prefill graph (exporter/fitted_heads.py), or None.
+    form: "fused" (ONNX Runtime's operators) or "plain" (standard ones; exporter/ops.py)."""
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=max_seq_len)
-    past, total = Dim("past", min=0, max=max_seq_len - 1), Dim("total", min=1, max=max_seq_len)
+    total_dim = Dim("total", min=1, max=max_seq_len)
     image_tokens = Dim("image_tokens", min=1, max=1024 * max_seq_len)
+    dims = {"batch": batch, "image_tokens": image_tokens}
+    b, t = SAMPLE_BATCH, SAMPLE_SEQ
     past_names, present_names = io_names(adapter.num_layers)
-    ids, pos, mask, kv = _text_sample(adapter, SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST, dtype, device)
-    pos_axes = {0: batch, 1: seq} if adapter.position_axes == 1 else {1: batch, 2: seq}
+    ids = torch.randint(0, adapter.cfg.vocab_size, (b, t), device=device)
+    buffers = [torch.zeros(b, adapter.num_kv_heads, max_seq_len, adapter.head_dim, dtype=dtype, device=device)
+               for _ in range(2 * adapter.num_layers)]
+    buffer_axes = {0: batch}
     extra = extra_inputs(adapter)
+    values, axes = _extra_sample(adapter, b, t, max_seq_len, dtype, dims, device)
+    head = ["input_ids", "seqlens_k", "total_sequence_length"]
+    position_axes = []
+    if adapter.position_axes > 1:
+        head.append("position_ids")
+        position_axes = [{1: batch, 2: seq}]
     out = []
     if adapter.image_inputs:
         vision = adapter.vision_graph()
-        sample = tuple(t.to(device) for t in vision.sample())
+        sample = tuple(x.to(device) for x in vision.sample())
         first = Dim("patches", min=1, max=1 << 20) if len(sample) > 1 else Dim("images", min=1, max=1024)
         out.append(GraphPlan("vision", vision, sample, list(vision.input_names), list(vision.output_names),
-                             tuple({0: first} for _ in sample), type(vision).__name__))
-    dims = {"batch": batch, "total": seq, "image_tokens": image_tokens}
-    values, axes = _extra_sample(adapter, SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_SEQ, dtype, dims, device)
-    prefill = PopPrefill(adapter, prefill_layers, heads).to(device)
-    out.append(GraphPlan("prefill", prefill, (ids, pos, mask[SAMPLE_PAST:], *values),
-                         ["input_ids", "position_ids", "attention_mask", *extra], present_names,
-                         ({0: batch, 1: seq}, pos_axes, {0: seq, 1: batch}, *([tuple(axes)] if axes else [])),
-                         f"{prefill_layers} layers + {adapter.num_layers - prefill_layers} KV heads"))
-    dims["total"] = total
-    values, axes = _extra_sample(adapter, SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_SEQ + SAMPLE_PAST, dtype, dims, device)
-    out.append(GraphPlan("decode", PopDecode(adapter), (ids, pos, mask, *values, *kv),
-                         ["input_ids", "position_ids", "attention_mask", *extra, *past_names],
-                         ["logits", *present_names],
-                         ({0: batch, 1: seq}, pos_axes, {0: total, 1: batch},
-                          (*axes, *({0: past, 1: batch} for _ in kv))), f"{adapter.num_layers} layers"))
+                             tuple({0: first} for _ in sample), type(vision).__name__, {}))
+
+    def call(past, new, kv_layers, slots=False):
+        """(args, dynamic shapes) of a call over `new` tokens after `past` ones, reading kv_layers' buffers;
+        slots: the plain decode graph's cache_slots input."""
+        seqlens = torch.tensor([past + new - 1, past + new - 2], dtype=torch.int32, device=device)[:b]
+        total = torch.tensor(past + new, dtype=torch.int32, device=device)
+        pos = []
+        if adapter.position_axes > 1:
+            pos = [(torch.arange(past, past + new, device=device).repeat(b, 1)[None]
+                    .expand(adapter.position_axes, b, new).contiguous())]
+        kv = [buffers[i] for l in kv_layers for i in (2 * l, 2 * l + 1)]
+        cache_slots = [torch.arange(past + new, device=device)] if slots else []
+        rest = (*([{0: total_dim}] if slots else []), *position_axes, *axes, *({**buffer_axes} for _ in kv))
+        return (ids, seqlens, total, *cache_slots, *pos, *values, *kv), ({0: batch, 1: seq}, {0: batch}, None,
+                                                                         *([rest] if rest else []))
+
+    prefill = PopPrefill(adapter, prefill_layers, heads, form, max_seq_len).to(device)
+    kept = list(prefill.in_place_layers())
+    args, shapes = call(0, t, kept)
+    aliases = {present_names[i]: past_names[i] for l in kept for i in (2 * l, 2 * l + 1)}
+    out.append(GraphPlan("prefill", prefill, args, [*head, *extra, *(past_names[i] for l in kept
+                                                                      for i in (2 * l, 2 * l + 1))],
+                         present_names, shapes,
+                         f"{prefill_layers} layers + {adapter.num_layers - prefill_layers} KV heads", aliases))
+    decode = PopDecode(adapter, form, max_seq_len).to(device)
+    everything = list(range(adapter.num_layers))
+    plain = form == "plain"
+    args, shapes = call(SAMPLE_PAST, t, everything, slots=plain)
+    aliases = {present_names[i]: past_names[i] for l in decode.in_place_layers() for i in (2 * l, 2 * l + 1)}
+    decode_head = [*head[:3], *(["cache_slots"] if plain else []), *head[3:]]
+    out.append(GraphPlan("decode", decode, args, [*decode_head, *extra, *past_names], ["logits", *present_names], shapes,
+                         f"{adapter.num_layers} layers", aliases))
     return out

@@ -36,8 +36,7 @@ def axis_ranges(max_batch, max_seq_len, vision=None):
     ranges = {
         "batch": (1, 1, max_batch),
         "seq": (1, min(512, max_seq_len), max_seq_len),
-        "past": (0, min(512, max_seq_len - 1), max_seq_len - 1),
-        "total": (1, min(513, max_seq_len), max_seq_len),
+        "total": (1, min(513, max_seq_len), max_seq_len),  # the plain decode graph's cache_slots: total >= seq
     }
     if vision is None:
         return ranges
@@ -130,8 +129,11 @@ def build_engine(onnx_path: Path, engine_path: Path, graph, ranges: dict, worksp
 
 
 class TensorRTFormat(OnnxFormat):
-    """The ONNX graphs, verified in ONNX Runtime, then a TensorRT engine per graph beside them."""
+    """The ONNX graphs in the plain form (TensorRT's parser knows no contrib operator), verified in ONNX
+    Runtime, then a TensorRT engine per graph beside them."""
     name = "trt"
+    default_form = "plain"
+    forms = ("plain",)
 
     def finish(self, job, manifest):
         """({graph: Engine}, None), or ({}, why) when TensorRT is missing here: the verified ONNX graphs are

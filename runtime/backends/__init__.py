@@ -36,6 +36,10 @@ def open_backend(name, directory, manifest, threads=None, prepack=False):
             raise PopError(f"ONNX Runtime is not installed ({e}): pip install .[cpu], or .[gpu] for CUDA") from None
         return OrtBackend(directory, manifest, threads, prepack, device="cpu" if name == "ort" else "cuda")
     if name == "trt":
+        fused = [g for g, spec in manifest.graphs.items() if spec.form == "fused"]
+        if fused:
+            raise PopError(f"the {', '.join(fused)} graphs use ONNX Runtime's contrib operators (the fused form), "
+                           f"which TensorRT cannot run: export with --format trt")
         from .trt import TrtBackend
         return TrtBackend(directory, manifest, threads, prepack)
     raise PopError(f"unknown backend {name!r}; this runtime has: {', '.join(BACKENDS)}")

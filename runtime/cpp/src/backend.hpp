@@ -20,6 +20,8 @@ struct View {  // a tensor where it lies: host memory, or device memory from all
   const char* dtype;  // a manifest dtype name
   std::vector<int64_t> shape;
   bool on_device = false;
+  std::vector<int64_t> strides;  // in elements; empty: C-contiguous.  Only outputs the runtime places are strided:
+                                 // the new tokens' slots inside each head's block of the KV buffer
 };
 
 class Backend {

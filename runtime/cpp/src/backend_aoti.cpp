@@ -4,7 +4,7 @@
 // at::Tensor over those bytes and goes to both packages with load_constants(user_managed),
 // so prefill and decode, and every session of a Model, use the same memory.  A package
 // returns fresh output tensors; they are copied into the session's views: the logits and
-// the new tokens' K/V slots, never the cache.
+// the new tokens' K/V slots (strided views of the buffer), never the cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fcntl.h>
@@ -120,7 +120,7 @@ class AotiBackend : public Backend {
 
   at::Tensor wrap(const View& v) const {
     auto options = at::TensorOptions().dtype(scalar_type(v.dtype)).device(v.on_device ? device_ : at::Device(at::kCPU));
-    return at::from_blob(v.data, v.shape, options);
+    return v.strides.empty() ? at::from_blob(v.data, v.shape, options) : at::from_blob(v.data, v.shape, v.strides, options);
   }
 
   void map_weights(const Manifest& m) {

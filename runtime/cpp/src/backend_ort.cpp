@@ -12,6 +12,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <unordered_map>
 
 #include "backend.hpp"
@@ -63,13 +64,23 @@ class OrtBackend : public Backend {
     Graph& g = graphs_.at(name);
     g.binding->ClearBoundInputs();
     g.binding->ClearBoundOutputs();
+    std::vector<std::pair<const View*, std::vector<char>>> staged;  // strided outputs: ONNX Runtime binds dense ones
+    staged.reserve(outputs.size());
     try {
-      for (const auto& v : inputs) g.binding->BindInput(v.name, value(v));
-      for (const auto& v : outputs) g.binding->BindOutput(v.name, value(v));
+      for (const auto& v : inputs) g.binding->BindInput(v.name, value(v, v.data));
+      for (const auto& v : outputs) {
+        if (v.strides.empty()) {
+          g.binding->BindOutput(v.name, value(v, v.data));
+          continue;
+        }
+        staged.emplace_back(&v, std::vector<char>(bytes(v)));
+        g.binding->BindOutput(v.name, value(v, staged.back().second.data()));
+      }
       g.session->Run(Ort::RunOptions{nullptr}, *g.binding);
     } catch (const Ort::Exception& e) {
       throw Error(Status::backend, "the " + name + " graph failed: " + e.what());
     }
+    for (const auto& [view, dense] : staged) scatter(*view, dense.data());
   }
 
  private:
@@ -78,11 +89,21 @@ class OrtBackend : public Backend {
     std::unique_ptr<Ort::IoBinding> binding;
   };
 
-  Ort::Value value(const View& v) {
+  static size_t bytes(const View& v) {
     int64_t count = 1;
     for (int64_t d : v.shape) count *= d;
-    return Ort::Value::CreateTensor(memory_, v.data, size_t(count) * dtype_size(v.dtype), v.shape.data(),
-                                    v.shape.size(), element_type(v.dtype));
+    return size_t(count) * dtype_size(v.dtype);
+  }
+
+  Ort::Value value(const View& v, void* data) {
+    return Ort::Value::CreateTensor(memory_, data, bytes(v), v.shape.data(), v.shape.size(), element_type(v.dtype));
+  }
+
+  // A dense [1, heads, T, dim] result into its strided place: one run of T * dim elements per head.
+  static void scatter(const View& v, const char* dense) {
+    const size_t element = dtype_size(v.dtype), run = size_t(v.shape[2] * v.shape[3]) * element;
+    for (int64_t h = 0; h < v.shape[1]; ++h)
+      std::memcpy(static_cast<char*>(v.data) + h * v.strides[1] * int64_t(element), dense + h * run, run);
   }
 
   Ort::Env env_;

@@ -11,8 +11,8 @@ namespace pop {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-// Versions this runtime reads (runtime/manifest.py, READABLE): 1 and 2 are ONNX-only forms of 3.
-static const int kReadable[] = {1, 2, 3};
+// Versions this runtime reads (runtime/manifest.py, READABLE): 4, per-row cache lengths.
+static const int kReadable[] = {4};
 
 static Error bad(const std::string& what) { return Error(Status::bad_artifacts, what); }
 
@@ -28,6 +28,13 @@ std::string Manifest::graph_format() const {
   for (const auto& [name, g] : graphs)
     if (g.format == "aoti") return "aoti";
   return "onnx";
+}
+
+std::pair<int, int> Manifest::kv_entry(const std::string& name) const {
+  for (int l = 0; l < int(layer_names.size()); ++l)
+    for (int i = 0; i < 4; ++i)
+      if (layer_names[l][i] == name) return {l, i % 2};
+  return {-1, -1};
 }
 
 static std::vector<std::string> names(const json& list) {
@@ -53,7 +60,7 @@ Manifest read_manifest(const std::string& directory) {
   m.schema_version = j.value("schema_version", -1);
   if (std::find(std::begin(kReadable), std::end(kReadable), m.schema_version) == std::end(kReadable))
     throw bad(file + " has manifest schema version " + std::to_string(m.schema_version) +
-              "; this runtime reads versions 1, 2, 3: re-export with this version of pop");
+              "; this runtime reads version 4: re-export with this version of pop");
   try {
     if (j.contains("vision"))
       throw bad("these are vision-language artifacts; the C++ runtime runs text models only (use pop-generate)");
@@ -77,10 +84,12 @@ Manifest read_manifest(const std::string& directory) {
       GraphSpec s;
       s.file = g.at("file").get<std::string>();
       s.format = g.value("format", "onnx");
+      s.form = g.value("form", "plain");
       s.device = g.value("device", "cpu");
       s.torch = g.value("torch", "");
       s.inputs = names(g.at("inputs"));
       s.outputs = names(g.at("outputs"));
+      for (const auto& o : g.at("outputs")) s.aliases.push_back(o.value("alias", ""));
       if (!fs::is_regular_file(m.path(s.file))) throw bad(m.path(s.file) + " is missing: the artifact folder is incomplete");
       if (name == "decode")
         for (const auto& o : g.at("outputs"))

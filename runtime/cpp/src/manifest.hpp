@@ -6,13 +6,15 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pop {
 
 struct GraphSpec {
-  std::string file, format, device, torch;  // torch: the version an AOTI package was built with
+  std::string file, format, form, device, torch;  // torch: the version an AOTI package was built with
   std::vector<std::string> inputs, outputs;  // names, in the graph's order
+  std::vector<std::string> aliases;  // per output: the input whose buffer the graph writes it into, or ""
 };
 
 struct TensorEntry {  // one weight in weights.bin (AOTI exports)
@@ -35,6 +37,8 @@ struct Manifest {
   std::vector<int64_t> eos_ids;
 
   std::string path(const std::string& relative) const { return directory + "/" + relative; }
+  // (layer, 0 for keys | 1 for values) of a past_* or present_* name, or (-1, -1)
+  std::pair<int, int> kv_entry(const std::string& name) const;
   std::string graph_format() const;  // "aoti" or "onnx"
 };
 

@@ -5,9 +5,12 @@
 //   full mode  prompt      -> decode graph with an empty past -> first token
 //   then       each token  -> decode graph, one slot -> next token
 //
-// The KV buffer is [layer, k|v, slot, batch=1, kv_heads, head_dim]: the past of a layer
-// is a prefix of its block and new entries are written straight into their slots, so a
-// step binds pointers and allocates nothing.
+// The KV buffer is [layer, k|v, row=1, kv_heads, slot, head_dim] (docs/MANIFEST.md): a
+// graph reads a layer's whole block and tells apart the slots in use from seqlens_k and
+// total_sequence_length.  New entries land in their slots either written in place by
+// the graph (an output aliased to its past input) or copied there by the backend from
+// the graph's output (a strided view of the block), so a step binds pointers and
+// allocates nothing.
 #include <chrono>
 #include <cstring>
 
@@ -38,9 +41,10 @@ std::string backend_name(const Model& model) { return model.backend->name(); }
 struct Session::Buffers {
   Backend* backend = nullptr;
   void* kv = nullptr;
-  size_t slot_bytes = 0;  // one slot of one layer's keys: kv_heads * head_dim * element
-  int64_t slots = 0;
-  std::vector<int64_t> ids, positions, mask;  // host, [slot] (batch 1)
+  int64_t slots = 0, heads = 0, dim = 0;
+  size_t element = 0;
+  std::vector<int64_t> ids, cache_slots;  // host, [slot]; cache_slots holds 0..slots-1
+  int32_t seqlens = 0, total = 0;  // the one row's last slot in use after a step, and its length
   std::vector<char> logits;
   std::vector<float> logits_f32;
   std::vector<View> inputs, outputs;  // reused: a step only rewrites them
@@ -48,8 +52,8 @@ struct Session::Buffers {
   ~Buffers() {
     if (kv) backend->release(kv);
   }
-  char* block(int layer, int kind, int64_t start) const {
-    return static_cast<char*>(kv) + ((int64_t(layer) * 2 + kind) * slots + start) * slot_bytes;
+  char* block(int layer, int kind) const {  // [1, kv_heads, slots, head_dim]
+    return static_cast<char*>(kv) + (int64_t(layer) * 2 + kind) * heads * slots * dim * int64_t(element);
   }
 };
 
@@ -59,11 +63,13 @@ Session::Session(std::shared_ptr<Model> model) : model_(std::move(model)), buffe
   Buffers& b = *buffers_;
   b.backend = model_->backend.get();
   b.slots = m.max_seq_len;
-  b.slot_bytes = size_t(m.kv_heads) * m.head_dim * dtype_size(m.kv_dtype);
-  b.kv = b.backend->alloc(size_t(m.num_layers) * 2 * b.slots * b.slot_bytes);
+  b.heads = m.kv_heads;
+  b.dim = m.head_dim;
+  b.element = dtype_size(m.kv_dtype);
+  b.kv = b.backend->alloc(size_t(m.num_layers) * 2 * b.heads * b.slots * b.dim * b.element);
   b.ids.assign(b.slots, 0);
-  b.positions.assign(b.slots, 0);
-  b.mask.assign(b.slots, 0);
+  b.cache_slots.resize(b.slots);
+  for (int64_t i = 0; i < b.slots; ++i) b.cache_slots[i] = i;
   b.logits.assign(m.vocab_size * dtype_size(m.logits_dtype), 0);
   b.logits_f32.assign(m.vocab_size, 0.0f);
 }
@@ -75,24 +81,40 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
-// Bindings of one graph run over new tokens in slots [past, past + length).
-void bind(const Manifest& m, Session::Buffers& b, bool decode, int64_t past, int64_t length) {
+// Bindings of one graph run over new tokens in slots [start, start + length) of the one row.
+void bind(const Manifest& m, Session::Buffers& b, const std::string& graph, int64_t start, int64_t length) {
   const bool dev = b.backend->device_memory();
-  const int64_t total = past + length;
+  const GraphSpec& g = m.graphs.at(graph);
+  b.seqlens = int32_t(start + length - 1);
+  b.total = int32_t(start + length);
   b.inputs.clear();
   b.outputs.clear();
-  b.inputs.push_back({"input_ids", b.ids.data() + past, "int64", {1, length}});
-  b.inputs.push_back({"position_ids", b.positions.data() + past, "int64", {1, length}});
-  b.inputs.push_back({"attention_mask", b.mask.data(), "int64", {total, 1}});
-  if (decode) b.outputs.push_back({"logits", b.logits.data(), m.logits_dtype.c_str(), {1, m.vocab_size}});
-  for (int l = 0; l < m.num_layers; ++l) {
-    const auto& n = m.layer_names[l];
-    if (decode) {
-      b.inputs.push_back({n[0].c_str(), b.block(l, 0, 0), m.kv_dtype.c_str(), {past, 1, m.kv_heads, m.head_dim}, dev});
-      b.inputs.push_back({n[1].c_str(), b.block(l, 1, 0), m.kv_dtype.c_str(), {past, 1, m.kv_heads, m.head_dim}, dev});
+  const char* kv_dtype = m.kv_dtype.c_str();
+  const std::vector<int64_t> whole{1, b.heads, b.slots, b.dim};
+  for (const auto& name : g.inputs) {
+    if (name == "input_ids") b.inputs.push_back({"input_ids", b.ids.data() + start, "int64", {1, length}});
+    else if (name == "seqlens_k") b.inputs.push_back({"seqlens_k", &b.seqlens, "int32", {1}});
+    else if (name == "total_sequence_length") b.inputs.push_back({"total_sequence_length", &b.total, "int32", {}});
+    else if (name == "cache_slots") b.inputs.push_back({"cache_slots", b.cache_slots.data(), "int64", {start + length}});
+    else {
+      const auto [layer, kind] = m.kv_entry(name);
+      if (layer < 0) throw Error(Status::bad_artifacts, "the " + graph + " graph takes " + name + ", which this runtime does not know");
+      b.inputs.push_back({name.c_str(), b.block(layer, kind), kv_dtype, whole, dev});
     }
-    b.outputs.push_back({n[2].c_str(), b.block(l, 0, past), m.kv_dtype.c_str(), {length, 1, m.kv_heads, m.head_dim}, dev});
-    b.outputs.push_back({n[3].c_str(), b.block(l, 1, past), m.kv_dtype.c_str(), {length, 1, m.kv_heads, m.head_dim}, dev});
+  }
+  for (size_t i = 0; i < g.outputs.size(); ++i) {
+    const std::string& name = g.outputs[i];
+    if (name == "logits") {
+      b.outputs.push_back({"logits", b.logits.data(), m.logits_dtype.c_str(), {1, m.vocab_size}});
+      continue;
+    }
+    const auto [layer, kind] = m.kv_entry(name);
+    if (layer < 0) throw Error(Status::bad_artifacts, "the " + graph + " graph returns " + name + ", which this runtime does not know");
+    if (!g.aliases[i].empty())  // written in place: the same block the graph reads as its past
+      b.outputs.push_back({name.c_str(), b.block(layer, kind), kv_dtype, whole, dev});
+    else  // the new tokens' entries: a strided view of their slots in each head's block
+      b.outputs.push_back({name.c_str(), b.block(layer, kind) + start * b.dim * int64_t(b.element), kv_dtype,
+                           {1, b.heads, length, b.dim}, dev, {b.heads * b.slots * b.dim, b.slots * b.dim, b.dim, 1}});
   }
 }
 
@@ -121,23 +143,22 @@ std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, const
   Sampler sample(options);
 
   const auto t0 = Clock::now();
-  std::fill(b.mask.begin(), b.mask.end(), 0);
-  for (int64_t i = 0; i < n; ++i) b.ids[i] = prompt[i], b.positions[i] = i, b.mask[i] = 1;
+  for (int64_t i = 0; i < n; ++i) b.ids[i] = prompt[i];
 
   auto next = [&]() {
     to_float(b.logits.data(), m.logits_dtype, m.vocab_size, b.logits_f32.data());
     return sample(b.logits_f32.data(), m.vocab_size);
   };
   if (!options.full && n > 1) {
-    bind(m, b, false, 0, n - 1);
+    bind(m, b, "prefill", 0, n - 1);
     backend.run("prefill", b.inputs, b.outputs);
     st.prefill_ms = ms_since(t0);
     const auto t1 = Clock::now();
-    bind(m, b, true, n - 1, 1);
+    bind(m, b, "decode", n - 1, 1);
     backend.run("decode", b.inputs, b.outputs);
     st.boundary_ms = ms_since(t1);
   } else {
-    bind(m, b, true, 0, n);
+    bind(m, b, "decode", 0, n);
     backend.run("decode", b.inputs, b.outputs);
     st.prefill_ms = ms_since(t0);
   }
@@ -167,9 +188,7 @@ std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, const
     }
     const auto t = Clock::now();
     b.ids[slot] = token;
-    b.positions[slot] = slot;
-    b.mask[slot] = 1;
-    bind(m, b, true, slot, 1);
+    bind(m, b, "decode", slot, 1);
     const auto r = Clock::now();
     backend.run("decode", b.inputs, b.outputs);
     st.decode_backend_ms += ms_since(r);

@@ -1,8 +1,8 @@
 // libpop: runs pop-export's artifacts (prefill + decode graphs over one KV buffer) from C++.
 //
 // A Model is the manifest plus the backend that holds the graphs and their weights;
-// it is loaded once and shared.  A Session owns one KV buffer and its token, position
-// and mask buffers, and runs one request at a time (generate() takes its lock), so
+// it is loaded once and shared.  A Session owns one KV buffer and its token and length
+// buffers, and runs one request at a time (generate() takes its lock), so
 // several sessions over one Model serve requests in parallel on one copy of the weights.
 //
 // The runtime takes token ids, not text: tokenizing stays with the caller (Python's
