@@ -23,8 +23,9 @@ from pop.runtime.memory import peak_rss_bytes
 
 from .measure import reset_peak_rss, stat
 
-PEERS = ("hf", "optimum")
+PEERS = ("hf", "optimum", "genai", "genai-int4")
 PEER_SCRIPT = Path(__file__).with_name("optimum_peer.py")
+GENAI_SCRIPT = Path(__file__).with_name("genai_peer.py")
 
 
 def model_spec(manifest):
@@ -90,23 +91,62 @@ class HFEager:
                 "first_tokens": [int(t) for t in out[:, ids.shape[1]]]}
 
 
-def optimum_python(explicit=None):
-    """The Optimum venv's interpreter: --optimum-python, else $POP_OPTIMUM_PYTHON, else .venv-optimum
-    beside the source or in the working folder.  Raises PopError saying how to make one."""
-    if explicit or os.environ.get("POP_OPTIMUM_PYTHON"):
-        chosen = Path(explicit or os.environ["POP_OPTIMUM_PYTHON"])
+def venv_python(peer, explicit, env_var, venv, script):
+    """A peer venv's interpreter: the flag, else $env_var, else `venv` beside the source or in the working
+    folder.  Raises PopError saying how to make one (`script`)."""
+    if explicit or os.environ.get(env_var):
+        chosen = Path(explicit or os.environ[env_var])
         if not chosen.is_file():
-            raise PopError(f"no Optimum virtualenv python at {chosen}: run `bash scripts/optimum_venv.sh`")
+            raise PopError(f"no {peer} virtualenv python at {chosen}: run `bash scripts/{script}`")
         return chosen
-    for venv in (Path(__file__).resolve().parents[1] / ".venv-optimum", Path.cwd() / ".venv-optimum"):
-        if (venv / "bin" / "python").is_file():
-            return venv / "bin" / "python"
-    raise PopError("no Optimum virtualenv: run `bash scripts/optimum_venv.sh`, or pass --optimum-python")
+    for folder in (Path(__file__).resolve().parents[1] / venv, Path.cwd() / venv):
+        if (folder / "bin" / "python").is_file():
+            return folder / "bin" / "python"
+    raise PopError(f"no {peer} virtualenv: run `bash scripts/{script}`, or pass its python")
 
 
-class OptimumOnnx:
-    """Runs every configuration in one subprocess call, so the model loads once."""
+def optimum_python(explicit=None):
+    return venv_python("Optimum", explicit, "POP_OPTIMUM_PYTHON", ".venv-optimum", "optimum_venv.sh")
+
+
+def genai_python(explicit=None):
+    return venv_python("onnxruntime-genai", explicit, "POP_GENAI_PYTHON", ".venv-genai", "genai_venv.sh")
+
+
+class ScriptPeer:
+    """A peer in its own virtualenv: a script of ours run by that venv's python, which measures every
+    configuration in one call (the model loads once) and prints one JSON object."""
+    name = script = None
+
+    def _call(self, *args):
+        cmd = [str(self.python), str(self.script), *map(str, args)]
+        # stderr passes through: it is the peer's progress
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            raise PopError(f"the {self.name} peer failed (exit {out.returncode}): {' '.join(cmd)}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def _measure(self, configs, *args):
+        """configs: [(batch, length, ids)] -> (report, {(batch, length): row})."""
+        with tempfile.TemporaryDirectory() as tmp:
+            prompts = Path(tmp) / "prompts.json"
+            prompts.write_text(json.dumps({"configs": [{"batch": b, "length": n, "ids": ids.tolist()}
+                                                       for b, n, ids in configs]}))
+            report = self._call(*args, prompts)
+        self.versions = report.get("versions", {})
+        rows = {}
+        for r in report["results"]:
+            rows[(r["batch"], r["length"])] = {"ttft": stat(r["ttft_ms"]),
+                                               "decode_per_token": stat(r["decode_ms_per_token"]),
+                                               "peak_rss_bytes": r.get("peak_rss_bytes"),
+                                               "first_tokens": r.get("first_token_ids")}
+        return report, rows
+
+
+class OptimumOnnx(ScriptPeer):
+    """The standard Hugging Face Optimum ONNX export, run in ONNX Runtime."""
     name = "optimum-onnx"
+    script = PEER_SCRIPT
 
     def __init__(self, manifest, threads, python, export_dir, progress=print):
         self.python, self.threads, self.progress = python, threads, progress
@@ -118,31 +158,32 @@ class OptimumOnnx:
             progress(f"optimum-onnx: exporting {hf_dir} to {self.dir} (once)")
             self._call("export", "--hf-dir", hf_dir, "--out", self.dir)
 
-    def _call(self, *args):
-        cmd = [str(self.python), str(PEER_SCRIPT), *map(str, args)]
-        # stderr passes through: it is the peer's progress
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if out.returncode != 0:
-            raise PopError(f"the Optimum peer failed (exit {out.returncode}): {' '.join(cmd)}")
-        return out.stdout
+    def measure_all(self, configs, new_tokens, runs, warmup):
+        report, rows = self._measure(configs, "run", "--onnx-dir", self.dir, "--new-tokens", new_tokens, "--runs",
+                                     runs, "--warmup", warmup, "--threads", self.threads, "--prompts")
+        self.logits_all_positions = report.get("logits_all_positions")
+        return rows
+
+
+class Genai(ScriptPeer):
+    """onnxruntime-genai: its own model builder's export of the same HF folder (last-token logits only,
+    prune_lm_head), run by its Generator API (bench/genai_peer.py)."""
+    script = GENAI_SCRIPT
+
+    def __init__(self, manifest, threads, python, build_dir, precision="fp32", progress=print):
+        self.python, self.threads, self.precision = python, threads, precision
+        self.name = f"onnxruntime-genai {precision}"
+        _, hf_dir = model_spec(manifest)
+        if hf_dir is None:
+            raise PopError("tiny presets have no saved Hugging Face folder for onnxruntime-genai's builder")
+        self.dir = Path(build_dir)
+        progress(f"{self.name}: building {hf_dir} into {self.dir} (once)")
+        self.build = self._call("build", "--hf", hf_dir, "--out", self.dir, "--precision", precision,
+                                "--threads", threads)
 
     def measure_all(self, configs, new_tokens, runs, warmup):
-        """configs: [(batch, length, ids)] -> {(batch, length): row}."""
-        with tempfile.TemporaryDirectory() as tmp:
-            prompts = Path(tmp) / "prompts.json"
-            prompts.write_text(json.dumps({"configs": [{"batch": b, "length": n, "ids": ids.tolist()}
-                                                       for b, n, ids in configs]}))
-            report = json.loads(self._call("run", "--onnx-dir", self.dir, "--prompts", prompts,
-                                           "--new-tokens", new_tokens, "--runs", runs, "--warmup", warmup,
-                                           "--threads", self.threads).strip().splitlines()[-1])
-        self.versions = report.get("versions", {})
-        self.logits_all_positions = report.get("logits_all_positions")
-        rows = {}
-        for r in report["results"]:
-            rows[(r["batch"], r["length"])] = {"ttft": stat(r["ttft_ms"]),
-                                               "decode_per_token": stat(r["decode_ms_per_token"]),
-                                               "peak_rss_bytes": r.get("peak_rss_bytes"),
-                                               "first_tokens": r.get("first_token_ids")}
+        _, rows = self._measure(configs, "measure", "--model", self.dir, "--new-tokens", new_tokens, "--runs", runs,
+                                "--warmup", warmup, "--threads", self.threads, "--configs")
         return rows
 
 

@@ -200,6 +200,16 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                                   f"{o['python']['median']:.4f} ms ({100 * o['python_share_of_backend']:.2f}%)")
                 entry = {"name": cls.name, "available": True, "versions": peer.versions}
                 del peer
+            elif name.startswith("genai"):
+                precision = "int4" if name == "genai-int4" else "fp32"
+                python = peers.genai_python(args.genai_python)
+                build = (Path(args.genai_dir) if args.genai_dir else Path("artifacts") / "genai") / \
+                    f"{manifest.model.name}-{precision}"
+                bar.set_postfix_str(f"onnxruntime-genai {precision}")
+                peer = peers.Genai(manifest, threads, python, build, precision, bar.write)
+                measured = peer.measure_all(configs, args.new_tokens, args.runs, args.warmup)
+                entry = {"name": peer.name, "available": True, "versions": peer.versions,
+                         "build": str(build.resolve()), "precision": precision}
             else:
                 python = peers.optimum_python(args.optimum_python)
                 export_dir = args.optimum_dir or Path("artifacts") / "optimum" / manifest.model.name
@@ -210,8 +220,9 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                          "export": str(Path(export_dir).resolve()), "logits_all_positions": peer.logits_all_positions}
         except PopError as e:
             bar.write(f"{name}: not run: {e}")
-            out.append({"name": runtime_peers.NAMES.get(name) or (peers.HFEager.name if name == "hf" else peers.OptimumOnnx.name),
-                        "available": False, "why": str(e)})
+            names = {"hf": peers.HFEager.name, "optimum": peers.OptimumOnnx.name, "genai": "onnxruntime-genai fp32",
+                     "genai-int4": "onnxruntime-genai int4", **runtime_peers.NAMES}
+            out.append({"name": names[name], "available": False, "why": str(e)})
             continue
         results = []
         for key, m in measured.items():

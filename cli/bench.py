@@ -45,15 +45,21 @@ def parser():
     p.add_argument("--runs", type=int, default=5, help="timed runs per configuration (medians are reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--peers", default="hf,optimum",
-                   help="comma-separated peers to run beside ours: hf, optimum, cpp (the C++ runtime on the same "
-                        "AOTI artifacts, with its per-step overhead against Python's), other (--other-artifacts), "
-                        "or none")
+                   help="comma-separated peers to run beside ours: hf, optimum, genai and genai-int4 "
+                        "(onnxruntime-genai's own export of the same weights, fp32 or int4), cpp (the C++ runtime "
+                        "on the same AOTI artifacts, with its per-step overhead against Python's), other "
+                        "(--other-artifacts), or none")
     p.add_argument("--other-artifacts", default=None,
                    help="the same model exported for the other backend, for --peers other (ORT against AOTI)")
     p.add_argument("--optimum-python", default=None,
                    help="python of the Optimum virtualenv (default: $POP_OPTIMUM_PYTHON or .venv-optimum)")
     p.add_argument("--optimum-dir", default=None,
                    help="where the Optimum export is cached (default: artifacts/optimum/MODEL)")
+    p.add_argument("--genai-python", default=None,
+                   help="python of the onnxruntime-genai virtualenv (default: $POP_GENAI_PYTHON or .venv-genai; "
+                        "bash scripts/genai_venv.sh makes it)")
+    p.add_argument("--genai-dir", default=None,
+                   help="where onnxruntime-genai's builds are cached (default: artifacts/genai/MODEL-PRECISION)")
     p.add_argument("--image-sizes", type=_sizes, default=None,
                    help="VLM artifacts: time a chat prompt with one image of each size (WxH,...) instead of "
                         "--prompt-lens, with the vision encoder's time shown apart")

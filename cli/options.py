@@ -1,4 +1,5 @@
 """Flags that several commands share, declared once."""
+import argparse
 
 
 def add_fitted_heads(p, several=False, calib_flag=True):
@@ -28,5 +29,6 @@ def add_runtime(p, backends):
                         "(both GPU backends keep the KV cache in device memory); aoti: AOTInductor packages. "
                         "Default: the artifacts' own (aoti for pop-export --format aoti, else ort)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (CPU)")
-    p.add_argument("--prepack-weights", action="store_true",
-                   help="let ONNX Runtime re-lay weights per graph: faster at batch > 1, but holds them twice in RAM")
+    p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="ONNX Runtime on the CPU re-lays the weights for its kernels, one copy per graph (default); "
+                        "--no-prepack-weights holds them once, as the mapped file, and decodes slower")

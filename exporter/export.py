@@ -162,11 +162,16 @@ def measure_memory(directory, manifest, param_bytes) -> Memory:
     if manifest.dtype == "bfloat16":  # ONNX Runtime's CPU provider has no bf16 kernels
         memory.runtime_measured, memory.why = False, "bf16 graphs do not run on the CPU runtime"
         return memory
-    out = subprocess.run([sys.executable, "-m", "pop.runtime.memory", str(directory)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise PopError(f"the runtime could not load the fresh export: {out.stderr.strip().splitlines()[-1]}")
-    for key, value in json.loads(out.stdout.strip().splitlines()[-1]).items():
+    def run(*flags):
+        out = subprocess.run([sys.executable, "-m", "pop.runtime.memory", str(directory), *flags], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            raise PopError(f"the runtime could not load the fresh export: {out.stderr.strip().splitlines()[-1]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    for key, value in run().items():  # the default: weights packed for ONNX Runtime's kernels, per graph
         setattr(memory, key, value)
+    if manifest.graph_format == "onnx":  # held once, as the mapped file
+        memory.without_prepacking = run("--no-prepack-weights")
     return memory
 
 

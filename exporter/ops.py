@@ -101,6 +101,7 @@ class PlainOps:
         """(out [B, T, Hq*D], new K [B, Hkv, T, D], new V) with past keys read from past_k[:, :, :P]."""
         ad = graph.ad
         cos, sin = step.ropes[ad.rope_kind(l)]
+        q, k, v = split_heads(q, ad.num_heads), split_heads(k, ad.num_kv_heads), split_heads(v, ad.num_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t, hq, d = q.shape
         hkv = k.shape[2]
@@ -130,8 +131,9 @@ class PlainOps:
         return out.permute(0, 3, 1, 2, 4).reshape(b, t, hq * d), nk, nv
 
     def rope_keys(self, graph, l, k, step):
+        """[B, T, Hkv, D] keys, rotated."""
         cos, sin = step.ropes[graph.ad.rope_kind(l)]
-        return apply_rope(k, cos, sin)
+        return apply_rope(split_heads(k, graph.ad.num_kv_heads), cos, sin)
 
 
 class FusedOps(PlainOps):
@@ -160,21 +162,19 @@ class FusedOps(PlainOps):
 
     def attention(self, graph, l, q, k, v, past_k, past_v, step):
         ad = graph.ad
-        b, t, hq, d = q.shape
-        hkv = k.shape[2]
         window = ad.sliding_window(l)
         cos = sin = bias = None
         if ad.position_axes == 1:
             cos, sin = step.ropes[ad.rope_kind(l)]
         else:
             cos_t, sin_t = step.ropes[ad.rope_kind(l)]
-            q, k = apply_rope(q, cos_t, sin_t), apply_rope(k, cos_t, sin_t)
+            q = apply_rope(split_heads(q, ad.num_heads), cos_t, sin_t)
+            k = apply_rope(split_heads(k, ad.num_kv_heads), cos_t, sin_t)
         if step.groups is not None:
             bias, window = step.masks[window], None  # the bias holds the window (causal=0 refuses one)
         out, present_k, present_v = torch.ops.pop.gqa(
-            q.reshape(b, t, hq * d), k.reshape(b, t, hkv * d), v.reshape(b, t, hkv * d), past_k, past_v,
-            step.seqlens, step.total, cos, sin, bias, hq, hkv, float(ad.attn_scale(l)),
-            float(ad.attn_softcap() or 0.0), window or -1)
+            _flat(q), _flat(k), _flat(v), past_k, past_v, step.seqlens, step.total, cos, sin, bias, ad.num_heads,
+            ad.num_kv_heads, float(ad.attn_scale(l)), float(ad.attn_softcap() or 0.0), window or -1)
         return out, present_k, present_v
 
     def rope_keys(self, graph, l, k, step):
@@ -182,8 +182,19 @@ class FusedOps(PlainOps):
         if ad.position_axes != 1:
             return super().rope_keys(graph, l, k, step)
         cos, sin = step.ropes[ad.rope_kind(l)]
-        b, t, h, d = k.shape
-        return torch.ops.pop.rotary(k.reshape(b, t, h * d), step.positions, cos, sin, h).reshape(b, t, h, d)
+        rotated = torch.ops.pop.rotary(_flat(k), step.positions, cos, sin, ad.num_kv_heads)
+        return split_heads(rotated, ad.num_kv_heads)
+
+
+def split_heads(x, n):
+    """[B, T, n, D] of [B, T, n*D]; unchanged when it already is.  Heads are split only where something
+    needs them: a reshape the fused form's operators do not need costs a copy in ONNX Runtime."""
+    return x if x.dim() == 4 else x.reshape(*x.shape[:-1], n, -1)
+
+
+def _flat(x):
+    """[B, T, H*D] of [B, T, H, D]; unchanged when it already is."""
+    return x if x.dim() == 3 else x.reshape(*x.shape[:2], -1)
 
 
 def _per_token(graph, kind, positions):

@@ -20,7 +20,7 @@ contract.
 import torch
 from torch import nn
 
-from .ops import OPS, step_for
+from .ops import OPS, split_heads, step_for
 
 
 def sink_mask(position_ids):
@@ -119,16 +119,18 @@ class PopGraph(nn.Module):
         return h
 
     def _q(self, l, x):
-        """[B, T, Hq, D], normed where the family norms queries, before RoPE."""
+        """Queries before RoPE: [B, T, Hq*D], or [B, T, Hq, D] where the family norms them per head."""
         q_norm, _ = self.ad.qk_norms(l)
         q = self.ad.q(l, x)
-        return q if q_norm is None else self.ops.norm(q_norm, q)
+        return q if q_norm is None else self.ops.norm(q_norm, split_heads(q, self.ad.num_heads))
 
     def _kv(self, l, x, k_proj=None, v_proj=None):
-        """k (normed where the family norms keys, before RoPE) and v, [B, T, Hkv, D]."""
+        """Keys (before RoPE; per head where the family norms them) and values, [B, T, Hkv*D]-shaped or
+        [B, T, Hkv, D].  Heads are split only where something needs them: a reshape the fused form's
+        operators do not need costs a copy in ONNX Runtime."""
         _, k_norm = self.ad.qk_norms(l)
         k, v = self.ad.k(l, x, k_proj), self.ad.v(l, x, v_proj)
-        return (k if k_norm is None else self.ops.norm(k_norm, k)), v
+        return (k if k_norm is None else self.ops.norm(k_norm, split_heads(k, self.ad.num_kv_heads))), v
 
     def layers(self, h, step, pasts, mm=None, kv_only=(), bypass=(), heads=None, sink=None, gates=None):
         """Every layer over h (embedded), in order.  Returns (h, x = the final norm of h, {layer: (present K,
@@ -188,7 +190,8 @@ class PopGraph(nn.Module):
                 k = torch.where(at_sink, k0, k)
             if v_proj is not None:
                 v = torch.where(at_sink, v0, v)
-        return self.ops.rope_keys(self, l, k, step).transpose(1, 2), v.transpose(1, 2)
+        n = self.ad.num_kv_heads
+        return self.ops.rope_keys(self, l, k, step).transpose(1, 2), split_heads(v, n).transpose(1, 2)
 
     def logits(self, h, x, step):
         """Logits at each row's last real token: slot seqlens_k, or the last new one."""

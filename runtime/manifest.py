@@ -289,6 +289,7 @@ class Memory:
     session_file_backed_rss_bytes: int | None = None
     session_anonymous_rss_bytes: int | None = None
     kv_buffer_bytes: int | None = None
+    without_prepacking: dict | None = None  # the same measured with --no-prepack-weights (ONNX)
 
 
 @dataclass

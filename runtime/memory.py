@@ -28,14 +28,14 @@ def peak_rss_bytes():
     return 0
 
 
-def measure(directory, new_tokens=8):
+def measure(directory, new_tokens=8, prepack=True):
     import numpy as np  # noqa: F401  (imports are part of the baseline, not of the model)
     import onnxruntime  # noqa: F401
     import tokenizers  # noqa: F401
 
     from .session import PopSession
     base, base_anon = rss()
-    session = PopSession.load(directory)
+    session = PopSession.load(directory, prepack=prepack)
     loaded, _ = rss()
     for mode in ("pop", "full"):
         session.generate(list(range(3, 3 + max(2, min(32, session.max_seq_len - new_tokens)))),
@@ -47,5 +47,5 @@ def measure(directory, new_tokens=8):
             "session_anonymous_rss_bytes": after_anon - base_anon, "kv_buffer_bytes": session.kv.nbytes}
 
 
-if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1])))
+if __name__ == "__main__":  # python -m pop.runtime.memory DIR [--no-prepack-weights]
+    print(json.dumps(measure(sys.argv[1], prepack="--no-prepack-weights" not in sys.argv[2:])))

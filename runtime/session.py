@@ -123,10 +123,11 @@ class PopSession:
         self._ensure(1)
 
     @classmethod
-    def load(cls, directory, backend=None, threads=None, prepack=False):
+    def load(cls, directory, backend=None, threads=None, prepack=True):
         """backend: ort (CPU), ort-cuda, trt or aoti (runtime/backends); None: the artifacts' own
-        (aoti for AOTInductor packages, else ort).  prepack=True trades a
-        private copy of the weights per graph for faster matmuls (ONNX Runtime on the CPU)."""
+        (aoti for AOTInductor packages, else ort).  prepack (ONNX Runtime on the CPU): its matrix
+        products read weights re-laid out for its kernels, one copy per graph (the default: decoding a
+        batch is twice as fast); False holds the weights once, as the mapped file, and is slower."""
         directory = Path(directory)
         manifest = Manifest.load(directory)
         from tokenizers import Tokenizer

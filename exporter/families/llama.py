@@ -108,12 +108,9 @@ class LlamaAdapter:
         """(q norm, k norm) over head_dim before RoPE, or (None, None)."""
         return None, None
 
-    def _heads(self, x, n):
-        return x.view(*x.shape[:-1], n, self.head_dim)
-
     def q(self, layer: int, x):
-        """[B, T, Hq, D], projected; the q norm (where the family has one) is applied by the graph."""
-        return self._heads(self.layers[layer].self_attn.q_proj(x), self.num_heads)
+        """[B, T, Hq*D], projected (the graph splits heads where it needs them, and applies the q norm)."""
+        return self.layers[layer].self_attn.q_proj(x)
 
     def kv_proj(self, layer: int):
         """The (K, V) Linear modules, which fitted KV heads (exporter/fitted_heads.py) stand in for."""
@@ -121,11 +118,12 @@ class LlamaAdapter:
         return attn.k_proj, attn.v_proj
 
     def k(self, layer: int, x, proj=None):
-        """proj, when given, replaces the layer's K projection; what follows it (k-norm) stays the layer's."""
-        return self._heads((self.kv_proj(layer)[0] if proj is None else proj)(x), self.num_kv_heads)
+        """[B, T, Hkv*D].  proj, when given, replaces the layer's K projection; what follows it (k-norm) stays
+        the layer's."""
+        return (self.kv_proj(layer)[0] if proj is None else proj)(x)
 
     def v(self, layer: int, x, proj=None):
-        return self._heads((self.kv_proj(layer)[1] if proj is None else proj)(x), self.num_kv_heads)
+        return (self.kv_proj(layer)[1] if proj is None else proj)(x)
 
     def attn_out(self, layer: int, attn):
         """What the attention sub-block adds to the residual stream, from the heads' output [B, T, Hq*D]."""

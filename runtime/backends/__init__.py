@@ -20,7 +20,7 @@ from ..errors import PopError
 BACKENDS = ("ort", "ort-cuda", "trt", "aoti")
 
 
-def open_backend(name, directory, manifest, threads=None, prepack=False):
+def open_backend(name, directory, manifest, threads=None, prepack=True):
     if name is None:
         name = "aoti" if manifest.graph_format == "aoti" else "ort"
     if (name == "aoti") != (manifest.graph_format == "aoti"):

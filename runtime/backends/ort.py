@@ -2,10 +2,12 @@
 
 Weights: weights.bin is memory-mapped once, and each distinct tensor in it
 becomes one OrtValue that both sessions receive through
-SessionOptions.add_initializer, so neither session loads its own copy.
-Weight prepacking is off by default for the same reason: it gives each
-session a private, re-laid-out copy of every MatMul weight.  It is also ~12%
-faster on gemma3-270m (README, "Memory"), so `prepack=True` offers that trade.
+SessionOptions.add_initializer, so neither session loads its own copy.  With
+prepacking (the default), ONNX Runtime re-lays every matrix for its kernels,
+one copy per session, and the mapped pages are given back: the resident set
+holds the packed copies.  Without (prepack=False), the mapped file is the one
+copy both graphs read; MLAS then packs each matrix at every call, which for a
+decode step of more than one row costs about twice the time (README, "Memory").
 
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
@@ -22,6 +24,7 @@ the graph plans it).  Both sessions run on one stream of ours
 back to the CPU, with only a warning, when it cannot load CUDA or cuDNN, so
 the providers each session really got are checked.
 """
+import mmap
 from importlib import metadata
 from pathlib import Path
 
@@ -73,7 +76,7 @@ def element_type(dtype):
 
 
 class OrtBackend:
-    def __init__(self, directory, manifest, threads=None, prepack=False, device="cpu"):
+    def __init__(self, directory, manifest, threads=None, prepack=True, device="cpu"):
         directory = Path(directory)
         if device == "cpu" and manifest.dtype == "bfloat16":
             raise PopError("bf16 artifacts run on the GPU backends (--backend ort-cuda or trt): "
@@ -104,6 +107,12 @@ class OrtBackend:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.intra_op_num_threads = threads or 0
             opts.inter_op_num_threads = 1
+            if graph != "decode":
+                # Each session has its own threads, which spin a while after a run for the next op.  After
+                # a prefill they would spin while the boundary step's threads wake up, fighting over the
+                # cores (the boundary step took twice a decode step on 2 cores).  The big graphs lose
+                # nothing by sleeping at once; decode, whose ops are short, keeps spinning.
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if not prepack:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             for name, location, offset, length, elem, shape in _external_initializers(directory / spec.file):
@@ -117,6 +126,11 @@ class OrtBackend:
             require_provider(sess, graph, provider)
             self.sessions[graph] = sess
             self._bindings[graph] = sess.io_binding()
+        if prepack and device == "cpu":
+            # The matrix products now read their own re-laid-out copies; the mapped file is read only
+            # where nothing packed it (embedding rows, norms).  Give its pages back: they come back
+            # from the page cache when touched, and the resident set keeps the packed copies only.
+            self._mmap._mmap.madvise(mmap.MADV_DONTNEED)
 
     def _value(self, offset, length, elem, shape):
         key = (offset, length, elem, shape)

@@ -54,7 +54,7 @@ class TrtBackend:
     name = "trt"
     device = "cuda"
 
-    def __init__(self, directory, manifest, threads=None, prepack=False):
+    def __init__(self, directory, manifest, threads=None, prepack=True):
         directory = Path(directory)
         engines = manifest.engines
         missing = [g for g in manifest.graphs if g not in engines]
