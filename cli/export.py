@@ -38,6 +38,9 @@ def parser():
     p.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens the KV buffer holds "
                                                                 "(default min(4096, the model's limit))")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")
+    p.add_argument("--tf32", action="store_true",
+                   help="TensorRT engines: let fp32 layers use TF32 (faster; about 1e-3 relative error, so greedy "
+                        "tokens may differ from fp32's). Default: true fp32")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for verification")
     p.add_argument("--skip-verify", action="store_true", help="do not compare the graphs with PyTorch")
     add_fitted_heads(p)
@@ -52,7 +55,8 @@ def options(argv) -> ExportOptions:
     return ExportOptions(
         model=args.model, out=args.out, format=args.format or args.legacy_format or "onnx", graph_form=args.graph_form,
         prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
-        max_seq_len=args.max_seq_len, max_batch=args.max_batch, threads=args.threads, skip_verify=args.skip_verify,
+        max_seq_len=args.max_seq_len, max_batch=args.max_batch, tf32=args.tf32, threads=args.threads,
+        skip_verify=args.skip_verify,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
         command=shlex.join(["pop-export", *argv]))
 

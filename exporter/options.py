@@ -21,6 +21,7 @@ class ExportOptions:
     dtype: str = "fp32"  # a key of DTYPES
     max_seq_len: int | None = None  # default: min(4096, the model's limit)
     max_batch: int = 8  # the largest batch of TensorRT profiles
+    tf32: bool = False  # TensorRT engines: let fp32 layers run in TF32 (faster, about 1e-3 off)
     threads: int | None = None  # ONNX Runtime threads for verification
     skip_verify: bool = False
     kv_heads: str = "original"  # or "fitted": refit the pruned layers' K/V matrices on `calib`

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pop.runtime.errors import PopError
 
-from . import tiny
+from . import shapes, tiny
 from .families import adapter_class
 
 # The paper's models, by family name; they work when the weights are in the HF cache.
@@ -27,7 +27,7 @@ HUB_PRESETS = {
 
 
 def preset_names() -> list[str]:
-    return [*PACKAGE_PRESETS, *tiny.NAMES, *HUB_PRESETS]
+    return [*PACKAGE_PRESETS, *tiny.NAMES, *HUB_PRESETS, *shapes.NAMES]
 
 
 @dataclass
@@ -150,6 +150,10 @@ def load(spec: str, dtype: str = "float32", progress=print) -> Loaded:
         model, tok, processor = tiny.build(spec)
         return Loaded(spec, model.to(getattr(__import__("torch"), dtype)), tok, {"kind": "tiny", "id": spec, "seed": 0},
                       processor)
+    if spec in shapes.NAMES:  # random weights at a real model's shape, for timing
+        import torch
+        model, tok, _ = shapes.build(spec, getattr(torch, dtype))
+        return Loaded(spec, model, tok, {"kind": "shape", "id": spec, "seed": 0, "note": shapes.TIMING_ONLY})
     if spec in PACKAGE_PRESETS:
         gguf = PACKAGE_PRESETS[spec]()
         model, tok, src = _from_gguf(gguf, dtype, progress)

@@ -58,13 +58,16 @@ def _cache_check(kv, ref_cache, lengths):
     Row b's token j is our slot j and HF's slot width - lengths[b] + j; HF keeps only a sliding layer's
     window, its last `stored` slots."""
     diff, scale = 0.0, 0.0
+    cache = kv.cache
+    if isinstance(cache, torch.Tensor):  # AOTInductor packages for CUDA keep the buffer on the device
+        cache = cache.detach().float().cpu().numpy()
     for l, (k_ref, v_ref) in enumerate(reference.cache_tensors(ref_cache)):  # [slot, batch, heads, dim]
         stored = k_ref.shape[0]
         for i, r in enumerate((k_ref, v_ref)):
             r = r.float().numpy()
             for b, n in enumerate(lengths):
                 first = max(0, n - stored)  # the earliest of this row's tokens HF still holds
-                ours = kv.cache[l, i, b, :, first:n].transpose(1, 0, 2)  # [tokens, heads, dim]
+                ours = cache[l, i, b, :, first:n].transpose(1, 0, 2)  # [tokens, heads, dim]
                 theirs = r[stored - n + first:stored, b]
                 c = _check(ours, theirs)
                 diff, scale = max(diff, c.max_abs), max(scale, c.scale)

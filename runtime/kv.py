@@ -63,21 +63,27 @@ class KVBuffer:
 
 
 class Staging:
-    """Grow-only scratch for outputs the runtime places: views carved from one allocation per call."""
+    """Grow-only scratch for outputs the runtime places: views carved from one allocation per call,
+    each starting on a 256-byte boundary of it (what TensorRT wants of a tensor's address)."""
+    ALIGN = 256
 
     def __init__(self, dtype, zeros=np.zeros):
         self.dtype, self._zeros = np.dtype(dtype), zeros
+        self._step = max(1, self.ALIGN // self.dtype.itemsize)  # elements per boundary
         self._storage = zeros(0, self.dtype)
+
+    def _round(self, n):
+        return -(-n // self._step) * self._step
 
     def views(self, shapes):
         """One contiguous array per shape, side by side in the storage (grown when a call needs more)."""
-        need = sum(int(np.prod(s)) for s in shapes)
-        if need > self._storage.size:
+        need = sum(self._round(int(np.prod(s))) for s in shapes)
+        if need > self._storage.shape[0]:
             self._storage = None
             self._storage = self._zeros(need, self.dtype)
         out, at = [], 0
         for s in shapes:
             n = int(np.prod(s))
             out.append(self._storage[at:at + n].reshape(s))
-            at += n
+            at += self._round(n)
         return out

@@ -164,7 +164,8 @@ class Engine:
     file: str
     tensorrt: str
     gpu: dict
-    profile: dict
+    profiles: list  # optimization profiles, each {axis: [min, opt, max]}; the runtime picks one per call
+    tf32: bool = False  # whether fp32 layers could run in TF32 (off: true fp32)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import open_backend
+from .backends import BackendOptions, open_backend
 from .errors import PopError
 from .kv import KVBuffer, Staging
 from .manifest import Manifest, np_dtype
@@ -123,11 +123,13 @@ class PopSession:
         self._ensure(1)
 
     @classmethod
-    def load(cls, directory, backend=None, threads=None, prepack=True):
+    def load(cls, directory, backend=None, threads=None, prepack=True, tf32=False):
         """backend: ort (CPU), ort-cuda, trt or aoti (runtime/backends); None: the artifacts' own
         (aoti for AOTInductor packages, else ort).  prepack (ONNX Runtime on the CPU): its matrix
         products read weights re-laid out for its kernels, one copy per graph (the default: decoding a
-        batch is twice as fast); False holds the weights once, as the mapped file, and is slower."""
+        batch is twice as fast); False holds the weights once, as the mapped file, and is slower.
+        tf32 (GPU backends, fp32 artifacts): matrix products in TF32, faster and about 1e-3 off;
+        off by default, so that fp32 on a GPU gives fp32's answers."""
         directory = Path(directory)
         manifest = Manifest.load(directory)
         from tokenizers import Tokenizer
@@ -135,7 +137,8 @@ class PopSession:
             tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
         except Exception as e:
             raise PopError(f"{manifest.tokenizer.file} is not a readable tokenizer: {e}") from None
-        return cls(directory, manifest, open_backend(backend, directory, manifest, threads, prepack), tokenizer)
+        options = BackendOptions(threads=threads, prepack=prepack, tf32=tf32)
+        return cls(directory, manifest, open_backend(backend, directory, manifest, options), tokenizer)
 
     # --- text <-> ids ------------------------------------------------------
     def encode_text(self, text: str, chat: bool = False) -> list:
@@ -164,7 +167,8 @@ class PopSession:
             self._pos = np.zeros(self.position_axes * batch * s, np.int64)
             self._groups = np.zeros((batch, s), np.int64)  # image number per slot, per row
             self._seqlens = np.zeros(batch, np.int32)
-            self._logits = np.zeros((batch, self.vocab_size), self.logits_dtype)
+            # pinned host memory where the backend has it: the device writes the logits every step
+            self._logits = getattr(self.backend, "host_zeros", np.zeros)((batch, self.vocab_size), self.logits_dtype)
             self._batch = batch
         self._total = np.zeros((), np.int32)
         self.kv.use(batch)

@@ -105,6 +105,10 @@ def test_incompatible_manifest_version(artifacts):
 
 
 def test_trt_missing_writes_onnx_and_fails(tmp_path):
+    from pop.exporter.formats.tensorrt import available
+    ok, version = available()
+    if ok:
+        pytest.skip(f"TensorRT {version} is importable here: the export would build engines, not fail")
     out = tmp_path / "trt"
     run = cli("pop-export", "--model", "tiny-qwen3", "--out", out, "--format", "trt", "--skip-verify")
     assert_one_line_error(run, "no TensorRT engine was built", "tensorrt")

@@ -91,3 +91,19 @@ def test_gguf_file_and_cached_conversion(hf_models):
     assert not any("converting" in s for s in said), said
     assert loaded.source["kind"] == "gguf" and loaded.source["sha256"] == sources.sha256_file(path)
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
+
+
+def test_gemma3_270m_shape_is_the_real_config(hf_models):
+    """The shape presets are written from published configs; the one a real checkpoint here can check,
+    gemma3-270m-shape, has every size, window, layer kind and rotary setting of Gemma-3 270M."""
+    from pop.exporter import shapes
+    real = hf_models("gemma3-270m").model.config
+    _, preset = shapes.config("gemma3-270m-shape")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "sliding_window", "query_pre_attn_scalar", "layer_types",
+                "final_logit_softcapping", "attn_logit_softcapping"):
+        assert getattr(preset, key) == getattr(real, key), key
+    assert preset.rms_norm_eps == pytest.approx(real.rms_norm_eps)
+    for kind in ("sliding_attention", "full_attention"):
+        ours, theirs = preset.rope_parameters[kind], real.rope_parameters[kind]
+        assert ours["rope_type"] == theirs["rope_type"] and ours["rope_theta"] == pytest.approx(theirs["rope_theta"])

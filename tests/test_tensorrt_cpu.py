@@ -74,18 +74,76 @@ def test_unsupported_op_inside_a_subgraph(tmp_path):
 
 @pytest.mark.parametrize("max_batch", [1, 8])
 @pytest.mark.parametrize("model", MODELS)
-def test_profile_covers_the_manifest(exports, model, max_batch):
-    man, _ = _graph_files(exports(model, form="plain"))
+def test_profiles_satisfy_the_graphs_shape_relations(exports, model, max_batch):
+    """Every profile's min, opt and max satisfy the relations ONNX Runtime's symbolic shape inference finds
+    in the graph (the plain decode graph's past is total - seq, so total >= seq), and decode is tuned for
+    its hot path: one new token over a real past."""
+    art = exports(model, form="plain")
+    man, files = _graph_files(art)
     n = man.max_seq_len
-    ranges = to_tensorrt.axis_ranges(max_batch, n, man.vision)
     for name, graph in man.graphs.items():
-        for tensor in graph.inputs:
-            for axis in tensor.shape:
-                if isinstance(axis, str):
-                    lo, opt, hi = ranges[axis]
-                    assert 0 <= lo <= opt <= hi, (name, tensor.name, axis)
-    assert ranges["seq"][2] == ranges["total"][2] == n
-    assert ranges["batch"][2] == max_batch
+        chosen = to_tensorrt.profiles(name, max_batch, n, man.vision)
+        for profile in chosen:
+            for tensor in graph.inputs:
+                for axis in tensor.shape:
+                    if isinstance(axis, str):
+                        lo, opt, hi = profile[axis]
+                        assert 0 <= lo <= opt <= hi, (name, tensor.name, axis)
+            assert profile["batch"][2] == max_batch and profile["seq"][2] == n
+            assert to_tensorrt.check_relations(files[name], profile) == [], (name, profile)
+    steps, prompts = to_tensorrt.profiles("decode", max_batch, n, man.vision)
+    assert steps["seq"][1] == 1 and steps["total"][1] > 1 and steps["total"][2] == n
+    assert prompts["seq"][1] > 1 and prompts["total"][1] >= prompts["seq"][1]
     if man.vision is not None:
-        assert ranges["image_tokens"][0] == 0  # decode steps pass no image tokens
-    assert to_tensorrt.axis_ranges(max_batch, n)["batch"] == ranges["batch"]
+        assert steps["image_tokens"][0] == 0  # decode steps pass no image tokens
+
+
+def test_relations_catch_a_profile_that_breaks_them(exports):
+    """The relation the first review found broken, past = total - seq >= 0, is found in the graph itself."""
+    man, files = _graph_files(exports("tiny-llama", form="plain"))
+    equal, expressions = to_tensorrt.relations(files["decode"])
+    assert any({str(s) for s in e.free_symbols} == {"seq", "total"} for e in expressions), expressions
+    bad = {"batch": (1, 1, 2), "seq": (1, 512, man.max_seq_len), "total": (1, 300, man.max_seq_len)}
+    problems = to_tensorrt.check_relations(files["decode"], bad)
+    assert problems and all(p.startswith("opt:") for p in problems), problems
+
+
+def _zeros(spec, sizes):
+    import numpy as np
+    from pop.runtime.manifest import np_dtype
+    shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+    if spec.name == "seqlens_k":
+        return np.full(shape, sizes.get("total", sizes["seq"]) - 1, np.int32)  # each row's last slot
+    if spec.name == "total_sequence_length":
+        return np.array(sizes.get("total", sizes["seq"]), np.int32)
+    if spec.name == "cache_slots":
+        return np.arange(sizes["total"], dtype=np.int64)
+    return np.zeros(shape, np_dtype(spec.dtype))
+
+
+def test_plain_graphs_run_at_every_profile_point(exports):
+    """ONNX Runtime runs the plain graphs (TensorRT's input) at each profile's min, opt and max shapes, and
+    every output has the shape the manifest gives it there."""
+    import onnxruntime as ort
+    art = exports("tiny-llama", form="plain")
+    man, files = _graph_files(art)
+    for name, graph in man.graphs.items():
+        session = ort.InferenceSession(str(files[name]), providers=["CPUExecutionProvider"])
+        for profile in to_tensorrt.profiles(name, 2, man.max_seq_len):
+            for i, point in enumerate(("min", "opt", "max")):
+                sizes = {axis: r[i] for axis, r in profile.items()}
+                feeds = {t.name: _zeros(t, sizes) for t in graph.inputs}
+                outputs = session.run(None, feeds)
+                for spec, value in zip(graph.outputs, outputs):
+                    want = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+                    assert list(value.shape) == want, (name, point, spec.name)
+
+
+def test_calls_run_on_the_profile_made_for_them():
+    from pop.runtime.backends.trt import choose
+    profiles = to_tensorrt.profiles("decode", 4, 2048)
+    names = {"input_ids": ["batch", "seq"], "cache_slots": ["total"]}
+    assert choose(profiles, {"input_ids": (1, 1), "cache_slots": (700,)}, names) == 0  # a decode step
+    assert choose(profiles, {"input_ids": (2, 900), "cache_slots": (900,)}, names) == 1  # a full-mode prompt
+    assert choose(profiles, {"input_ids": (5, 1), "cache_slots": (9,)}, names) is None  # beyond --max-batch
+    assert choose(to_tensorrt.profiles("prefill", 4, 2048), {"input_ids": (1, 1)}, {"input_ids": ["batch", "seq"]}) == 0

@@ -93,6 +93,42 @@ def test_kv_buffer_views_stay_contiguous():
     assert np.count_nonzero(kv.cache) == new.size  # nothing else was touched
 
 
+def test_kv_buffer_over_device_tensors(monkeypatch):
+    """AOTInductor packages for CUDA keep the KV buffer and the staging as torch tensors on the device
+    (backends/aoti.py); the runtime's placement and views work on them as on numpy arrays (torch CPU
+    tensors here, the same indexing)."""
+    from pop.runtime.backends.aoti import _torch_dtype
+    from pop.runtime.kv import Staging
+
+    def zeros(shape, dtype):
+        return torch.zeros(shape, dtype=_torch_dtype(torch, dtype))
+    host = KVBuffer(num_layers=2, kv_heads=2, head_dim=4, max_seq_len=10, dtype=np.float32, batch=3)
+    dev = KVBuffer(num_layers=2, kv_heads=2, head_dim=4, max_seq_len=10, dtype=np.float32, batch=3, zeros=zeros)
+    staged = Staging(np.float32, zeros).views([(3, 2, 2, 4)] * 2)
+    assert all(isinstance(v, torch.Tensor) and v.is_contiguous() for v in staged)
+    new = np.random.default_rng(0).standard_normal((3, 2, 2, 4)).astype(np.float32)
+    staged[1].copy_(torch.from_numpy(new))
+    start = np.array([0, 4, 8])
+    host.place(1, 0, new, start)
+    dev.place(1, 0, staged[1], start)
+    np.testing.assert_array_equal(dev._storage.numpy(), host._storage)
+    assert dev.block(1, 0, 2).shape == (2, 2, 10, 4) and dev.nbytes == host.nbytes
+    assert _torch_dtype(torch, manifest.np_dtype("bfloat16")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("name, low, high", [("llama-3.1-8b-shape", 8_030_261_248, 8_030_261_248),
+                                             ("qwen3-vl-8b-shape", 7.9e9, 8.4e9),
+                                             ("gemma-3-12b-shape", 11.5e9, 12.2e9)])
+def test_shape_presets_have_the_papers_sizes(name, low, high):
+    """Built on the meta device (no memory): Llama-3.1-8B's exact parameter count, and the language models of
+    Qwen3-VL-8B and Gemma-3-12B (their published totals less the vision towers) within a few percent."""
+    from pop.exporter import shapes
+    model = shapes.build(name, torch.bfloat16, "meta")[0]
+    count = sum(p.numel() for p in model.parameters())
+    assert low <= count <= high, count
+    assert name in sources.preset_names()
+
+
 def test_manifest_round_trip(exports, tmp_path):
     """A real manifest survives load -> save -> load as the same tree and the same JSON; the checks refuse
     what a runtime would misread."""

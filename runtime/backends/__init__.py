@@ -14,13 +14,27 @@ graph's GPU time in ms (CUDA events), or None on the CPU.
               whichever they were compiled for)
 
 None picks the artifacts' own: aoti for AOTInductor packages, ort for ONNX graphs.
+
+Optional: `place(block, new, start)` where the KV buffer is device memory (the
+runtime's own placement indexes host arrays), and `host_zeros(shape, dtype)`
+for host arrays the device writes every step (the GPU backends' pinned memory).
 """
+from dataclasses import dataclass
+
 from ..errors import PopError
 
 BACKENDS = ("ort", "ort-cuda", "trt", "aoti")
 
 
-def open_backend(name, directory, manifest, threads=None, prepack=True):
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend runs the graphs; each backend reads what concerns it."""
+    threads: int | None = None  # intra-op threads on the CPU (None: the library's default)
+    prepack: bool = True  # ONNX Runtime on the CPU: re-laid-out weights per graph (faster) or held once
+    tf32: bool = False  # GPU fp32 matrix products in TF32: faster, about 1e-3 relative error; off: true fp32
+
+
+def open_backend(name, directory, manifest, options: BackendOptions = BackendOptions()):
     if name is None:
         name = "aoti" if manifest.graph_format == "aoti" else "ort"
     if (name == "aoti") != (manifest.graph_format == "aoti"):
@@ -28,18 +42,18 @@ def open_backend(name, directory, manifest, threads=None, prepack=True):
                        f"cannot run: use " + ("--backend aoti" if name != "aoti" else "ort, ort-cuda or trt"))
     if name == "aoti":
         from .aoti import AotiBackend
-        return AotiBackend(directory, manifest, threads)
+        return AotiBackend(directory, manifest, options)
     if name in ("ort", "ort-cuda"):
         try:
             from .ort import OrtBackend
         except ImportError as e:
             raise PopError(f"ONNX Runtime is not installed ({e}): pip install .[cpu], or .[gpu] for CUDA") from None
-        return OrtBackend(directory, manifest, threads, prepack, device="cpu" if name == "ort" else "cuda")
+        return OrtBackend(directory, manifest, options, device="cpu" if name == "ort" else "cuda")
     if name == "trt":
         fused = [g for g, spec in manifest.graphs.items() if spec.form == "fused"]
         if fused:
             raise PopError(f"the {', '.join(fused)} graphs use ONNX Runtime's contrib operators (the fused form), "
                            f"which TensorRT cannot run: export with --format trt")
         from .trt import TrtBackend
-        return TrtBackend(directory, manifest, threads, prepack)
+        return TrtBackend(directory, manifest, options)
     raise PopError(f"unknown backend {name!r}; this runtime has: {', '.join(BACKENDS)}")

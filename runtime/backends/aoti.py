@@ -11,14 +11,19 @@ package returns its outputs as fresh tensors; they are copied into the
 session's arrays: the logits and the new tokens' K/V slots, a few KB per decode
 step, never the cache.
 
-CUDA packages (compiled where torch saw a GPU) need torch with CUDA here too;
-host inputs are copied to the device per run.  That path has not run on a GPU.
+CUDA packages (compiled where torch saw a GPU) need torch with CUDA here too.
+The KV buffer and the staging for new K/V are then device tensors (`zeros`),
+so the cache never leaves the GPU and the runtime's placement indexes them as
+it indexes numpy arrays; token ids and lengths cross to the device each call
+(a few bytes), the logits come back to pinned host memory, and CUDA events
+time each graph.  TF32 follows BackendOptions.tf32 (torch's global setting).
 """
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import PopError
+from . import BackendOptions
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 
@@ -49,8 +54,9 @@ def load_weights(directory, manifest, device="cpu"):
 
 
 class AotiBackend:
-    def __init__(self, directory, manifest, threads=None):
+    def __init__(self, directory, manifest, options: BackendOptions = BackendOptions()):
         torch = _torch()
+        threads = options.threads
         directory = Path(directory)
         devices = {g.device or "cpu" for g in manifest.graphs.values()}
         self.device = devices.pop() if len(devices) == 1 else None
@@ -66,6 +72,9 @@ class AotiBackend:
         self.name = "aoti"
         if threads:
             torch.set_num_threads(threads)
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = options.tf32  # the packages' matrix products call cuBLAS
+            self._events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self._torch = torch
         self.weights = load_weights(directory, manifest, self.device)
         from torch._C._aoti import AOTIModelPackageLoader
@@ -88,19 +97,41 @@ class AotiBackend:
             self._outputs[graph] = [o.name for o in spec.outputs]
 
     def zeros(self, shape, dtype):
-        # The KV buffer: host numpy on the CPU.  On CUDA it stays on the host too for now
-        # (inputs are copied per run): correct, not fast; the C++ runtime keeps it on the device.
-        return np.zeros(shape, dtype)
+        """The KV buffer and the staging: numpy on the CPU, device tensors for CUDA packages."""
+        if self.device == "cpu":
+            return np.zeros(shape, dtype)
+        return self._torch.zeros(shape, dtype=_torch_dtype(self._torch, dtype), device=self.device)
+
+    def host_zeros(self, shape, dtype):
+        """Host arrays the device writes every call (the logits): pinned for CUDA packages."""
+        if self.device == "cpu":
+            return np.zeros(shape, dtype)
+        return self._torch.zeros(shape, dtype=_torch_dtype(self._torch, dtype), pin_memory=True).numpy()
 
     def _tensor(self, array):
+        if not isinstance(array, np.ndarray):  # already a device tensor: a view of the KV buffer
+            return array
         t = self._torch.from_numpy(array)
-        return t if self.device == "cpu" else t.to(self.device)
+        return t if self.device == "cpu" else t.to(self.device, non_blocking=False)
 
     def run(self, graph, inputs, outputs):
-        """Runs one package over the bound arrays; copies its outputs into them.  Returns None (no GPU timing)."""
+        """Runs one package over the bound arrays; copies its outputs into them.  Returns the GPU time in ms
+        (CUDA events) for CUDA packages, None on the CPU."""
         args = [self._tensor(inputs[name]) for name in self._inputs[graph]]
+        if self.device == "cuda":
+            self._events[0].record()
         results = self.loaders[graph].run(args)
         for name, value in zip(self._outputs[graph], results):
             if name in outputs:
-                self._torch.from_numpy(outputs[name]).copy_(value)
-        return None
+                target = outputs[name]
+                (self._torch.from_numpy(target) if isinstance(target, np.ndarray) else target).copy_(value)
+        if self.device == "cpu":
+            return None
+        self._events[1].record()
+        self._events[1].synchronize()
+        return self._events[0].elapsed_time(self._events[1])
+
+
+def _torch_dtype(torch, dtype):
+    name = str(np.dtype(dtype))
+    return torch.bfloat16 if name == "bfloat16" else getattr(torch, name)

@@ -135,6 +135,48 @@ def zeros(shape, dtype):
     return DeviceArray(mem.ptr, shape, dtype, owner=mem)
 
 
+def place(copy2d, block, new, start):
+    """KVBuffer.place for a device buffer: new [b, kv_heads, T, head_dim] into block [rows, kv_heads,
+    max_seq_len, head_dim] at slots start[r]..start[r]+T-1 of each row r.  Each row is one strided copy:
+    kv_heads runs of T x head_dim elements, a max_seq_len x head_dim pitch apart in the block.
+    copy2d(dst, dst_pitch, src, src_pitch, width, height) is Stream.copy2d (a host stand-in in tests)."""
+    b, heads, t, dim = new.shape
+    _, _, slots, _ = block.shape
+    item = block.dtype.itemsize
+    width = t * dim * item
+    for r in range(b):
+        s = int(start[r])
+        if not 0 <= s <= slots - t:
+            raise IndexError(f"row {r}: slots {s}..{s + t - 1} are outside the buffer's {slots}")
+        copy2d(block.ptr + (r * heads * slots + s) * dim * item, slots * dim * item,
+               new.ptr + r * heads * width, width, width, heads)
+
+
+class PinnedHost:
+    """Page-locked host arrays (cudaMallocHost) for what the GPU writes back every step (the logits):
+    a copy from the device into pageable memory goes through a driver bounce buffer and cannot overlap."""
+
+    def __init__(self):
+        self._held = []  # freed with the backend; the session allocates these once per largest batch
+
+    def zeros(self, shape, dtype):
+        import ctypes
+        dtype = np.dtype(dtype)
+        n = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        ptr = int(check(runtime().cudaMallocHost(n), "cudaMallocHost"))
+        self._held.append(ptr)
+        raw = (ctypes.c_uint8 * n).from_address(ptr)
+        array = np.frombuffer(raw, np.uint8, count=n)[:int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+        array = array.view(dtype).reshape(shape)
+        array[...] = 0
+        return array
+
+    def __del__(self):
+        for ptr in getattr(self, "_held", ()):
+            runtime().cudaFreeHost(ptr)
+        self._held = []
+
+
 class Stream:
     """One stream for every graph of a session, so their order is the stream's
     order and no host synchronisation is needed between them."""
@@ -161,6 +203,15 @@ class Stream:
     def d2d(self, dst_ptr, src_ptr, nbytes):
         kind = runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice
         check(runtime().cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, kind, self.handle), "device copy")
+
+    def copy2d(self, dst_ptr, dst_pitch, src_ptr, src_pitch, width, height):
+        """`height` rows of `width` bytes, each at its own pitch, device to device: one call per KV row."""
+        kind = runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        check(runtime().cudaMemcpy2DAsync(dst_ptr, dst_pitch, src_ptr, src_pitch, width, height, kind, self.handle),
+              "device copy")
+
+    def sync(self):
+        check(runtime().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def start(self):
         check(runtime().cudaEventRecord(self._start, self.handle), "cudaEventRecord")

@@ -15,14 +15,19 @@ the one KV buffer.
 
 CUDA (`ort-cuda`, needs onnxruntime-gpu and cuda-python: pip install .[gpu]):
 the KV buffer is device memory (backends/cuda.py) bound by address, so the
-cache never leaves the GPU; token ids, positions and the mask are bound from
-the host and the logits to the host, and ONNX Runtime copies those few bytes.
-The weights become CUDA OrtValues once, which both sessions use in place
-(AddInitializer keeps a user's initializer where it lies when that is where
-the graph plans it).  Both sessions run on one stream of ours
-(user_compute_stream), so CUDA events on it time them.  onnxruntime-gpu falls
-back to the CPU, with only a warning, when it cannot load CUDA or cuDNN, so
-the providers each session really got are checked.
+cache never leaves the GPU; token ids and lengths are bound from the host and
+the logits to pinned host memory, and ONNX Runtime copies those few bytes.
+The weights file is copied once into one device allocation of ours, and each
+float tensor is a DLPack view into it (backends/dlpack.py) that both sessions
+take through add_initializer, which accepts only memory ONNX Runtime does not
+own.  Both sessions run on one stream of ours (user_compute_stream), so CUDA
+events on it time them.  onnxruntime-gpu falls back to the CPU, with only a
+warning, when it cannot load CUDA or cuDNN: its wheel's CUDA and cuDNN
+libraries are loaded first (preload_dlls) and the providers each session
+really got are checked.  TF32 is off unless asked for (BackendOptions.tf32).
+Fused fp32 graphs are refused: ONNX Runtime's CUDA GroupQueryAttention has
+float16 and bfloat16 kernels only (contrib_ops/cuda/bert/group_query_attention.cc),
+and a CPU fallback would copy the cache across the bus at every step.
 """
 import mmap
 from importlib import metadata
@@ -34,6 +39,7 @@ import onnxruntime as ort
 
 from ..errors import PopError
 from ..manifest import np_dtype
+from . import BackendOptions, dlpack
 
 
 def _external_initializers(model_path: Path):
@@ -70,14 +76,28 @@ def _installed(distribution):
         return False
 
 
+def cuda_provider_options(stream_ptr, tf32):
+    """The CUDA provider's options: our stream, and TF32 only when asked for (its default is on)."""
+    return {"device_id": 0, "user_compute_stream": str(stream_ptr), "use_tf32": "1" if tf32 else "0"}
+
+
+def refuse_fused_fp32(manifest):
+    fused = [g for g, spec in manifest.graphs.items() if spec.form == "fused"]
+    if fused and manifest.dtype == "float32":
+        raise PopError(f"the {', '.join(fused)} graphs are fused fp32, and ONNX Runtime's CUDA GroupQueryAttention "
+                       f"has float16 and bfloat16 kernels only: export with --dtype fp16 or bf16 for ort-cuda, or "
+                       f"with --graph-form plain for fp32")
+
+
 def element_type(dtype):
     """What IOBinding takes: a numpy type, or ONNX's code where numpy has none (bfloat16)."""
     return onnx.TensorProto.BFLOAT16 if dtype == np_dtype("bfloat16") else dtype
 
 
 class OrtBackend:
-    def __init__(self, directory, manifest, threads=None, prepack=True, device="cpu"):
+    def __init__(self, directory, manifest, options: BackendOptions = BackendOptions(), device="cpu"):
         directory = Path(directory)
+        threads, prepack = options.threads, options.prepack
         if device == "cpu" and manifest.dtype == "bfloat16":
             raise PopError("bf16 artifacts run on the GPU backends (--backend ort-cuda or trt): "
                            "ONNX Runtime's CPU provider has no bf16 kernels")
@@ -86,17 +106,27 @@ class OrtBackend:
         self.weights_file = directory / manifest.weights.file
         self._mmap = np.memmap(self.weights_file, dtype=np.uint8, mode="r")
         self._values = {}  # (offset, length, type, shape) -> OrtValue, one per distinct tensor
+        self._views = []  # the DLPack structs of device weights, alive as long as the sessions
         self.sessions, self._bindings = {}, {}
         if device == "cuda":
             from . import cuda
             if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
                 raise PopError("both onnxruntime and onnxruntime-gpu are installed, and they provide the same module: "
                                "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install .[gpu]")
+            refuse_fused_fp32(manifest)
+            if hasattr(ort, "preload_dlls"):  # the CUDA and cuDNN of onnxruntime-gpu[cuda,cudnn]'s nvidia wheels,
+                ort.preload_dlls()  # which the provider does not find on its own without a system CUDA
             cuda.runtime()  # a clear message when cuda-python or the GPU is missing, before any session
             self.stream = cuda.Stream()
             self.zeros = cuda.zeros
+            self._pinned = cuda.PinnedHost()
+            self.host_zeros = self._pinned.zeros
+            self.place = lambda block, new, start: cuda.place(self.stream.copy2d, block, new, start)
+            self._device_weights = cuda.Allocation(len(self._mmap))  # one copy of the file, ours
+            self.stream.h2d(self._device_weights.ptr, self._mmap)
+            self.stream.sync()
             provider = "CUDAExecutionProvider"
-            providers = [(provider, {"device_id": 0, "user_compute_stream": str(self.stream.ptr)}),
+            providers = [(provider, cuda_provider_options(self.stream.ptr, options.tf32)),
                          "CPUExecutionProvider"]  # the CPU takes what CUDA has no kernel for
         else:
             self.zeros = np.zeros
@@ -122,7 +152,8 @@ class OrtBackend:
             try:
                 sess = ort.InferenceSession(str(directory / spec.file), opts, providers=providers)
             except Exception as e:  # ORT raises its own exception types for corrupt graphs
-                raise PopError(f"{spec.file} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0]}") from None
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise PopError(f"{spec.file} cannot be loaded by ONNX Runtime: {why}") from None
             require_provider(sess, graph, provider)
             self.sessions[graph] = sess
             self._bindings[graph] = sess.io_binding()
@@ -143,10 +174,12 @@ class OrtBackend:
             else:
                 array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(elem)).reshape(shape)
             if self.device == "cuda" and elem in FLOAT_TYPES:
-                # one device copy that both sessions use; integer constants stay on the host,
-                # where ONNX Runtime plans the shape arithmetic that reads them
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, elem, "cuda", 0)
-                value.update_inplace(np.ascontiguousarray(array))
+                # a view of our device copy, which both sessions use; integer constants stay on the
+                # host, where ONNX Runtime plans the shape arithmetic that reads them
+                view = dlpack.View(self._device_weights.ptr + offset, shape,
+                                   "bfloat16" if elem == onnx.TensorProto.BFLOAT16 else array.dtype, "cuda")
+                self._views.append(view)
+                value = ort.OrtValue.from_dlpack(view)
             else:
                 value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, elem)
             self._values[key] = value
