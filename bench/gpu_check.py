@@ -193,6 +193,46 @@ def parity_exported(name, device, fmt, backend, out_dir, progress, new=8):
     return result
 
 
+def diagnose_aoti(device, out_dir):
+    """Where AOTInductor's outputs part from eager PyTorch, on tiny-llama's decode graph: torch.export's
+    program, then packages compiled with the weights outside (loaded as pop loads them: user-managed,
+    and copied) and inside the package.  Run after AOTI parity fails; its first run on an H200 (torch
+    2.11) gave wrong outputs at export verification, and this is the experiment that says which part."""
+    import warnings
+    from torch._C._aoti import AOTIModelPackageLoader
+    from pop.exporter.families import adapter_for
+    from pop.exporter.formats import aoti
+    from pop.exporter.formats.plan import plans
+    model = _model("tiny-llama", torch.float32, device)
+    decode = plans(adapter_for(model), 4, 64, torch.float32, None, device, "plain")[-1]
+    state = dict([*decode.module.named_parameters(remove_duplicate=False),
+                  *decode.module.named_buffers(remove_duplicate=False)])
+    out = {}
+    with torch.no_grad():
+        ref = decode.module(*decode.args)
+        ep = aoti._export(decode.module, decode.args, decode.dynamic_shapes)
+        out["exported_program"] = _compare(ep.module()(*decode.args)[0], ref[0])
+    for inside in (False, True) if device == "cuda" else (False,):  # the CPU (dry run): one compile, not two
+        path = str(Path(out_dir) / f"diagnose-{inside}.pt2")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(
+                ep, package_path=path,
+                inductor_configs={**aoti.INDUCTOR_CONFIGS, "aot_inductor.package_constants_in_so": inside})
+        for label, user_managed in ([("in_package", None)] if inside else [("user_managed", True), ("copied", False)]):
+            loader = AOTIModelPackageLoader(path, "model", False, 1, -1)
+            names = loader.get_constant_fqns()
+            out[f"{label}_unknown_constants"] = [n for n in names if n not in state]
+            if user_managed is not None:
+                loader.load_constants({n: state[n].detach().contiguous() for n in names if n in state}, False, True,
+                                      user_managed)
+            with torch.no_grad():
+                got = loader.run(list(decode.args))
+            out[label] = {"logits": _compare(got[0], ref[0]), "present_0": _compare(got[1], ref[1])}
+    out["passed"] = all(v["logits"]["passed"] for k, v in out.items() if isinstance(v, dict) and "logits" in v)
+    return out
+
+
 def bench_backend(name, device, fmt, backend, dtype, lengths, batches, out_dir, out, progress):
     """pop-export, then pop-bench POP against full through `backend`: its JSON and plot go to `out`."""
     import subprocess
@@ -386,6 +426,10 @@ def main(argv=None):
                        lambda fmt=fmt, backend=backend, name=name: parity_exported(name, device, fmt, backend, tmp,
                                                                                    progress),
                        150 if gpu else 30)
+        failed_aoti = any(not r.get("passed") for r in report["parity"] if "aoti" in r.get("what", ""))
+        if failed_aoti or not gpu:  # on the CPU (dry run) it runs too, so that it does not rot
+            report["aoti_diagnosis"] = step("AOTInductor diagnosis, tiny-llama decode",
+                                            lambda: diagnose_aoti(device, tmp), 120 if gpu else 60)
         for fmt, backend in exported:
             if gpu:
                 r = step(f"pop-bench llama-3.1-8b-shape bf16, {backend}",

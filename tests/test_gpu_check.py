@@ -37,6 +37,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert all(r["pop_ttft_ms"] > 0 and r["full_ttft_ms"] > 0 and r["expected_speedup"] > 1 for r in rows)
     [bench] = report["speed_backends"]
     assert bench["backend"] == "ort" and len(bench["rows"]) == 4 and (tmp_path / bench["json"]).is_file()
+    diagnosis = report["aoti_diagnosis"]  # AOTInductor against eager, weights loaded as the runtime loads them
+    assert diagnosis["passed"] and diagnosis["user_managed"]["logits"]["passed"], diagnosis
     skipped = {s["step"]: s["why"] for s in report["skipped"]}
     assert "--dry-run" in skipped["ort-cuda parity and speed"] and "--dry-run" in skipped["trt parity and speed"]
     assert (tmp_path / "gpu_check.png").stat().st_size > 10_000
