@@ -210,7 +210,7 @@ def diagnose_aoti(device, out_dir):
     out = {}
     with torch.no_grad():
         ref = decode.module(*decode.args)
-        ep = aoti._export(decode.module, decode.args, decode.dynamic_shapes)
+        ep = aoti.export_program(decode.module, decode.args, decode.dynamic_shapes)
         out["exported_program"] = _compare(ep.module()(*decode.args)[0], ref[0])
     for inside in (False, True) if device == "cuda" else (False,):  # the CPU (dry run): one compile, not two
         path = str(Path(out_dir) / f"diagnose-{inside}.pt2")

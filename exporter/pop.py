@@ -156,8 +156,11 @@ class PopGraph(nn.Module):
             a, pk, pv = ops.attention(self, l, q, k, v, *pasts[l], step)
             presents[l] = (pk, pv)
             a = ad.attn_out(l, a)
+            post_a, post_m = ad.branch_norms(l)
+            a = a if post_a is None else ops.norm(post_a, a)
             x, h = ops.add_norm(h, a if gates is None else gates[l] * a, ad.mlp_norm(l))
             m = ad.mlp_out(l, x)
+            m = m if post_m is None else ops.norm(post_m, m)
             nxt = ad.input_norm(l + 1) if l + 1 < ad.num_layers else ad.final_norm()
             x, h = ops.add_norm(h, m if gates is None else gates[l] * m, nxt)
             x_for = l + 1
@@ -184,12 +187,15 @@ class PopGraph(nn.Module):
             # The own matrices are needed at the sink only, one token per sequence: projecting
             # all T rows twice would cost prefill a second head per pruned layer.
             x0 = (x * sink).sum(1, keepdim=True)
-            at_sink = sink[..., None] > 0
             k0, v0 = self._kv(l, x0)
+            # K is [B, T, Hkv, D] where the family norms keys per head, V is [B, T, Hkv*D]: the
+            # sink selector takes each one's rank.
+            def at_sink(t):
+                return (sink > 0).reshape(sink.shape + (1,) * (t.dim() - 3))
             if k_proj is not None:
-                k = torch.where(at_sink, k0, k)
+                k = torch.where(at_sink(k), k0, k)
             if v_proj is not None:
-                v = torch.where(at_sink, v0, v)
+                v = torch.where(at_sink(v), v0, v)
         n = self.ad.num_kv_heads
         return self.ops.rope_keys(self, l, k, step).transpose(1, 2), split_heads(v, n).transpose(1, 2)
 

@@ -28,14 +28,10 @@ class Gemma3Adapter(LlamaAdapter):
     def mlp_norm(self, layer):
         return self.layers[layer].pre_feedforward_layernorm
 
-    def attn_out(self, layer, attn):
-        """Sandwich norms: the branch is normed before the residual add."""
+    def branch_norms(self, layer):
+        """Sandwich norms: each branch is normed before the residual add."""
         lyr = self.layers[layer]
-        return lyr.post_attention_layernorm(lyr.self_attn.o_proj(attn))
-
-    def mlp_out(self, layer, x):
-        lyr = self.layers[layer]
-        return lyr.post_feedforward_layernorm(lyr.mlp(x))
+        return lyr.post_attention_layernorm, lyr.post_feedforward_layernorm
 
     def lm_head(self, x):
         out = super().lm_head(x)

@@ -133,6 +133,11 @@ class LlamaAdapter:
         """What the MLP sub-block adds to the residual stream, from its normed input."""
         return self.layers[layer].mlp(x)
 
+    def branch_norms(self, layer: int):
+        """(norm of the attention branch, norm of the MLP branch) before their residual adds, or None:
+        Gemma's sandwich norms.  The graph applies them (ops.norm), so they fuse like the others."""
+        return None, None
+
     def lm_head(self, x):
         """Logits from the final norm's output."""
         return self.hf.lm_head(x)

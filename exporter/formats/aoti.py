@@ -36,7 +36,8 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _export(module, args, dynamic_shapes):
+def export_program(module, args, dynamic_shapes):
+    """torch.export of one graph module as AOTInductor compiles it (also what the GPU check diagnoses)."""
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         return torch.export.export(module.eval(), tuple(args), dynamic_shapes=tuple(dynamic_shapes), strict=False,
                                    prefer_deferred_runtime_asserts_over_guards=True)
@@ -105,7 +106,7 @@ class AotiFormat:
                 warnings.simplefilter("ignore")
                 for plan in graph_plans:
                     job.progress(f"exporting the {plan.name} graph ({plan.what}) with torch.export")
-                    ep = _export(plan.module, plan.args, plan.dynamic_shapes)
+                    ep = export_program(plan.module, plan.args, plan.dynamic_shapes)
                     job.progress(f"compiling the {plan.name} graph with AOTInductor for the {where.upper()} (minutes)")
                     torch._inductor.aoti_compile_and_package(ep, package_path=str(job.directory / f"{plan.name}.pt2"),
                                                              inductor_configs=INDUCTOR_CONFIGS)
