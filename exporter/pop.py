@@ -80,6 +80,17 @@ class PopGraph(nn.Module):
         self.rope_kinds = sorted({adapter.rope_kind(l) for l in range(adapter.num_layers)})
         self.windows = sorted({adapter.sliding_window(l) for l in range(adapter.num_layers)},
                               key=lambda w: -1 if w is None else w)
+        if form == "fused":
+            # The fused form packs each layer's Q/K/V matrices into one, and gate/up into one: a decode step
+            # is a matrix-vector product per weight, and ONNX Runtime runs two fewer of them per layer.  The
+            # same tensors in every graph (the weights file stores content once); the pruned layers' KV heads
+            # keep their own K/V matrices, which the prefill graph stores beside the packed ones.
+            for l, (qkv, gate_up) in enumerate(packed_weights(adapter)):
+                for name, t in (("qkv", qkv), ("gate_up", gate_up)):
+                    if t is not None:
+                        self.register_buffer(f"packed_{name}_{l}", t[0], persistent=False)
+                        if t[1] is not None:
+                            self.register_buffer(f"packed_{name}_bias_{l}", t[1], persistent=False)
         if adapter.position_axes == 1:
             # Rotary tables by position, [max_seq_len, D/2] per kind: graph constants, gathered per token
             # (and indexed by the fused operators), never recomputed per call.  The same tensors for every
@@ -132,6 +143,30 @@ class PopGraph(nn.Module):
         k, v = self.ad.k(l, x, k_proj), self.ad.v(l, x, v_proj)
         return (k if k_norm is None else self.ops.norm(k_norm, split_heads(k, self.ad.num_kv_heads))), v
 
+    def _packed(self, name, l, x):
+        """x through layer l's packed matrix, or None where this graph has none (the plain form)."""
+        w = getattr(self, f"packed_{name}_{l}", None)
+        return None if w is None else nn.functional.linear(x, w, getattr(self, f"packed_{name}_bias_{l}", None))
+
+    def _qkv(self, l, x):
+        """(q, k, v) of a full layer, as _q and _kv give them: one packed product where the form has it."""
+        y = self._packed("qkv", l, x)
+        if y is None:
+            return (self._q(l, x), *self._kv(l, x))
+        q_norm, k_norm = self.ad.qk_norms(l)
+        q, k, v = y.split([m.out_features for m in self.ad.qkv_proj(l)], -1)
+        q = q if q_norm is None else self.ops.norm(q_norm, split_heads(q, self.ad.num_heads))
+        k = k if k_norm is None else self.ops.norm(k_norm, split_heads(k, self.ad.num_kv_heads))
+        return q, k, v
+
+    def _mlp(self, l, x):
+        y = self._packed("gate_up", l, x)
+        if y is None:
+            return self.ad.mlp_out(l, x)
+        gate, up, act, down = self.ad.mlp_parts(l)
+        g, u = y.split([gate.out_features, up.out_features], -1)
+        return down(act(g) * u)
+
     def layers(self, h, step, pasts, mm=None, kv_only=(), bypass=(), heads=None, sink=None, gates=None):
         """Every layer over h (embedded), in order.  Returns (h, x = the final norm of h, {layer: (present K,
         present V)}).  pasts[l]: the layer's (K, V) buffers, or (None, None) for a first prompt's plain form.
@@ -152,14 +187,14 @@ class PopGraph(nn.Module):
                 continue
             if x_for != l:
                 x = ops.norm(ad.input_norm(l), h)
-            q, (k, v) = self._q(l, x), self._kv(l, x)
+            q, k, v = self._qkv(l, x)
             a, pk, pv = ops.attention(self, l, q, k, v, *pasts[l], step)
             presents[l] = (pk, pv)
             a = ad.attn_out(l, a)
             post_a, post_m = ad.branch_norms(l)
             a = a if post_a is None else ops.norm(post_a, a)
             x, h = ops.add_norm(h, a if gates is None else gates[l] * a, ad.mlp_norm(l))
-            m = ad.mlp_out(l, x)
+            m = self._mlp(l, x)
             m = m if post_m is None else ops.norm(post_m, m)
             nxt = ad.input_norm(l + 1) if l + 1 < ad.num_layers else ad.final_norm()
             x, h = ops.add_norm(h, m if gates is None else gates[l] * m, nxt)
@@ -204,6 +239,32 @@ class PopGraph(nn.Module):
         b, t, d = x.shape
         last = torch.minimum(step.seqlens.long(), torch.full_like(step.seqlens.long(), t - 1))
         return self.ad.lm_head(x.gather(1, last[:, None, None].expand(b, 1, d))[:, 0])
+
+
+def packed_weights(adapter):
+    """[(qkv, gate_up)] per layer, each (weight, bias or None) or None: the fused form's packed matrices,
+    made once per adapter so that every graph of an export holds the same tensors."""
+    cache = adapter.__dict__.setdefault("_pop_packed", [])
+    if not cache:
+        def pack(linears):
+            if not all(isinstance(m, nn.Linear) for m in linears):
+                return None  # a family whose projections are not plain Linear modules keeps them apart
+            with torch.no_grad():
+                w = torch.cat([m.weight for m in linears]).contiguous()
+                b = None if all(m.bias is None for m in linears) else \
+                    torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+                # the modules' own weights become views of the packed tensor: the model is held once
+                start = 0
+                for m in linears:
+                    m.weight.data = w[start:start + m.out_features]
+                    if m.bias is not None:
+                        m.bias.data = b[start:start + m.out_features]
+                    start += m.out_features
+                return w, b
+        for l in range(adapter.num_layers):
+            gate, up, _, _ = adapter.mlp_parts(l)
+            cache.append((pack(adapter.qkv_proj(l)), pack((gate, up))))
+    return cache
 
 
 def rope_tables(adapter, max_seq_len):

@@ -45,6 +45,17 @@ def rope_table_bytes(manifest):
     return kinds * 2 * manifest["max_seq_len"] * manifest["kv_cache"]["layers"][0]["head_dim"] // 2 * size
 
 
+def packed_copy_bytes(manifest):
+    """The pruned layers' own K/V matrices, which the fused form's prefill graph stores beside the packed
+    Q/K/V matrices that every full layer uses (exporter/pop.py, PopGraph)."""
+    if any(g.get("form") != "fused" for name, g in manifest["graphs"].items() if name != "vision"):
+        return 0
+    size = np.dtype(manifest["dtype"]).itemsize
+    layers = {c["index"]: c for c in manifest["kv_cache"]["layers"]}
+    return sum(2 * manifest["model"]["hidden_size"] * layers[l]["kv_heads"] * layers[l]["head_dim"] * size
+               for l in manifest["pop"]["pruned_layers"])
+
+
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
     """exports(model, keep, form) -> artifact folder, exported once per session (keep=None: the default K;

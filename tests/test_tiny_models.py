@@ -9,7 +9,7 @@ from pop.exporter import reference
 from pop.exporter.verify import TOLERANCE
 from pop.runtime.session import PopSession
 
-from conftest import cli, generate_json, hf_greedy, rope_table_bytes
+from conftest import cli, generate_json, hf_greedy, packed_copy_bytes, rope_table_bytes
 
 TINY = ["tiny-llama", "tiny-qwen3", "tiny-gemma3"]
 # Byte-level prompts; the long one (38 tokens) is far past tiny-gemma3's window of 8.
@@ -192,7 +192,8 @@ def test_weights_are_stored_once(family, exports):
     # every byte the two graphs reference, counted per graph, exceeds what is stored
     assert manifest["weights"]["stored_bytes"] < manifest["weights"]["referenced_bytes"]
     assert (directory / "weights.bin").stat().st_size == manifest["weights"]["bytes"]
-    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01 + rope_table_bytes(manifest)
+    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01 + rope_table_bytes(manifest) + \
+        packed_copy_bytes(manifest)
 
 
 def test_sampling_is_seeded(family, exports):
@@ -212,7 +213,8 @@ def test_fp16_export_is_verified_and_runs(tmp_path):
     report = manifest["verification"]
     assert manifest["dtype"] == "float16" and report["passed"] and report["tolerance"] == TOLERANCE["float16"]
     # 2 bytes a weight
-    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01 + rope_table_bytes(manifest)
+    assert manifest["weights"]["bytes"] <= manifest["memory"]["parameter_bytes"] * 1.01 + rope_table_bytes(manifest) + \
+        packed_copy_bytes(manifest)
     got = generate_json(out, [1, 72, 101, 108, 108, 111], 8, extra=("--ignore-eos",))
     assert len(got["output_ids"]) == 8
 

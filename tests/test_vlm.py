@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, rope_table_bytes
+from conftest import cli, packed_copy_bytes, rope_table_bytes
 from pop.exporter import reference
 from pop.runtime.errors import PopError
 from pop.runtime.session import PopSession
@@ -89,7 +89,8 @@ def test_pruned_graphs_match_the_pop_reference(name, exports, hf_models):
     m = session.manifest
     assert set(m.graphs) == {"vision", "prefill", "decode"}
     # one weights file for all three graphs, each weight once (vision tower included)
-    tables = rope_table_bytes(json.loads((exports(name) / "pop_manifest.json").read_text()))
+    stored = json.loads((exports(name) / "pop_manifest.json").read_text())
+    tables = rope_table_bytes(stored) + packed_copy_bytes(stored)
     assert m.weights.stored_bytes <= m.model.parameter_bytes + tables < m.weights.referenced_bytes
     keep = m.pop.prefill_layers
     assert keep < m.pop.num_layers

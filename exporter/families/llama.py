@@ -112,6 +112,16 @@ class LlamaAdapter:
         """[B, T, Hq*D], projected (the graph splits heads where it needs them, and applies the q norm)."""
         return self.layers[layer].self_attn.q_proj(x)
 
+    def qkv_proj(self, layer: int):
+        """The (Q, K, V) Linear modules, which the fused form packs into one (PopGraph.packed)."""
+        attn = self.layers[layer].self_attn
+        return attn.q_proj, attn.k_proj, attn.v_proj
+
+    def mlp_parts(self, layer: int):
+        """(gate Linear, up Linear, activation, down Linear): mlp_out(x) = down(act(gate(x)) * up(x))."""
+        mlp = self.layers[layer].mlp
+        return mlp.gate_proj, mlp.up_proj, mlp.act_fn, mlp.down_proj
+
     def kv_proj(self, layer: int):
         """The (K, V) Linear modules, which fitted KV heads (exporter/fitted_heads.py) stand in for."""
         attn = self.layers[layer].self_attn
