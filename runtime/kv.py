@@ -28,6 +28,7 @@ class KVBuffer:
         self.dtype = np.dtype(dtype)
         self._zeros, self._place = zeros, place
         self._storage = zeros(0, self.dtype)
+        self._blocks = {}
         self.rows = 0
         self.slots = np.arange(max_seq_len, dtype=np.int64)  # what plain decode graphs take as cache_slots
         self.use(batch)
@@ -37,6 +38,7 @@ class KVBuffer:
         if batch > self.rows:
             self._storage = None  # let the old allocation go before the new one is made
             self._storage = self._zeros(self._size(batch), self.dtype)
+            self._blocks = {}
             self.rows = batch
         self.cache = self._storage.reshape(self.num_layers, 2, self.rows, self.kv_heads, self.max_seq_len,
                                            self.head_dim)
@@ -49,8 +51,14 @@ class KVBuffer:
         return self._storage.nbytes
 
     def block(self, layer, kv, rows):
-        """[rows, kv_heads, max_seq_len, head_dim] of one layer's keys (kv=0) or values (kv=1): contiguous."""
-        return self.cache[layer, kv, :rows]
+        """[rows, kv_heads, max_seq_len, head_dim] of one layer's keys (kv=0) or values (kv=1): contiguous.
+        The same view object for as long as the storage lives, so that a backend can tell by identity
+        that a buffer it bound for the last call is bound already (backends/ort.py)."""
+        key = (layer, kv, rows)
+        view = self._blocks.get(key)
+        if view is None:
+            view = self._blocks[key] = self.cache[layer, kv, :rows]
+        return view
 
     def place(self, layer, kv, new, start):
         """Writes new [b, kv_heads, T, head_dim] into rows 0..b-1 at slots start[r]..start[r]+T-1."""
