@@ -6,14 +6,13 @@ Generator API runs it greedily on the CPU.
 Runs only in the venv made by scripts/genai_venv.sh, so it imports nothing from pop.
 
   genai_peer.py build --hf DIR --out DIR --precision fp32|int4 --threads N
-  genai_peer.py measure --model DIR --configs FILE.json --new-tokens N --runs R --warmup W --threads N
+  genai_peer.py serve --model DIR --new-tokens N --threads N
 
-`--configs` is a file (or inline JSON) shaped like optimum_peer.py's prompts:
-{"configs": [{"batch": B, "length": L, "ids": [[...L ids...] x B]}]}.
+`serve` loads the model once, prints one JSON line describing it, then answers each
+JSON line {"ids": [[...length ids...] x batch], "reset_rss": bool} on stdin with one
+timed run as a JSON line on stdout; progress goes to stderr.
 
-Results go to stdout as one JSON object, progress to stderr.
-
-What `measure` times, per run (the Generator is made before the clock starts,
+What a run times (the Generator is made before the clock starts,
 its setup time is reported apart as setup_ms):
   ttft_ms   = Generator.append_tokens(prompt ids)   -- runs the prompt through the model;
                                                        the last position's logits are then computed
@@ -172,7 +171,7 @@ def cmd_build(a):
     emit({**info, "skipped": False})
 
 
-# ---------------------------------------------------------------------------- measure
+# ---------------------------------------------------------------------------- serve
 
 def logits_shape(model_dir):
     """The decoder graph's declared logits shape (read without its weights)."""
@@ -186,14 +185,8 @@ def logits_shape(model_dir):
     return None
 
 
-def load_configs(arg):
-    text = arg if arg.lstrip().startswith(("{", "[")) else Path(arg).read_text()
-    data = json.loads(text)
-    return data["configs"] if isinstance(data, dict) else data
-
-
-def cmd_measure(a):
-    import numpy as np
+def load(a):
+    """(onnxruntime_genai, model, session options, process threads, smallest KV cache) for --model."""
     import onnxruntime_genai as og
 
     model_dir = Path(a.model).resolve()
@@ -219,55 +212,64 @@ def cmd_measure(a):
     decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     window = (decoder.get("sliding_window") or {}).get("window_size", 0)
     min_cache = window + ((decoder["sliding_window"].get("cache_slack") or 16) if window > 0 else 0)
+    return og, model, session_options, threads_now, min_cache
 
-    results = []
-    for c in load_configs(a.configs):
-        ids = np.ascontiguousarray(np.asarray(c["ids"], dtype=np.int32))
-        if ids.ndim == 1:
-            ids = ids[None]
-        batch, length = ids.shape
-        assert (batch, length) == (c.get("batch", batch), c.get("length", length)), (ids.shape, c.get("batch"), c.get("length"))
-        params = og.GeneratorParams(model)
-        total = length + a.new_tokens
-        max_length = max(total, min_cache)
-        params.set_search_options(do_sample=False, batch_size=batch, max_length=max_length, min_length=total)
-        ttft, decode, setup = [], [], []
-        reset = reset_peak_rss()
-        for i in range(a.warmup + a.runs):
-            s0 = time.perf_counter()
-            gen = og.Generator(model, params)
-            t0 = time.perf_counter()
-            gen.append_tokens(ids)
-            gen.generate_next_token()
-            first = gen.get_next_tokens()
-            t1 = time.perf_counter()
-            for _ in range(a.new_tokens - 1):
-                gen.generate_next_token()
-            t2 = time.perf_counter()
-            seqs = [gen.get_sequence(b)[length:].tolist() for b in range(batch)]
-            del gen
-            if i < a.warmup:
-                continue
-            setup.append((t0 - s0) * 1e3)
-            ttft.append((t1 - t0) * 1e3)
-            if a.new_tokens > 1:
-                decode.append((t2 - t1) * 1e3 / (a.new_tokens - 1))
-        assert all(len(s) == a.new_tokens for s in seqs), [len(s) for s in seqs]
-        log(f"batch {batch} length {length}: ttft_ms {[round(x, 1) for x in ttft]}, "
-            f"decode_ms/token {[round(x, 2) for x in decode]}")
-        results.append({"batch": batch, "length": length, "ttft_ms": ttft, "decode_ms_per_token": decode,
-                        "setup_ms": setup, "max_length": max_length, "first_token_ids": [int(t) for t in first],
-                        "generated_ids": seqs, "peak_rss_bytes": peak_rss_bytes() if reset else None})
+
+def run_once(og, model, ids, new_tokens, min_cache):
+    """One timed greedy generation of new_tokens after ids [batch, length] (the module docstring says what
+    is timed).  Returns (setup ms, ttft ms, decode ms/token or None, first tokens, generated ids, max_length)."""
+    batch, length = ids.shape
+    params = og.GeneratorParams(model)
+    total = length + new_tokens
+    max_length = max(total, min_cache)
+    params.set_search_options(do_sample=False, batch_size=batch, max_length=max_length, min_length=total)
+    s0 = time.perf_counter()
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    first = gen.get_next_tokens()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        gen.generate_next_token()
+    t2 = time.perf_counter()
+    seqs = [gen.get_sequence(b)[length:].tolist() for b in range(batch)]
+    del gen
+    assert all(len(s) == new_tokens for s in seqs), [len(s) for s in seqs]
+    decode = (t2 - t1) * 1e3 / (new_tokens - 1) if new_tokens > 1 else None
+    return (t0 - s0) * 1e3, (t1 - t0) * 1e3, decode, [int(t) for t in first], seqs, max_length
+
+
+def as_ids(value):
+    import numpy as np
+    ids = np.ascontiguousarray(np.asarray(value, dtype=np.int32))
+    return ids[None] if ids.ndim == 1 else ids
+
+
+def cmd_serve(a):
+    """One model, many runs: a JSON line {"ids": [[...]], "reset_rss": bool} on stdin gets one timed run
+    back as a JSON line.  pop-bench keeps this process alive and gives it its turn after each of its own
+    run pairs, so that the machine's drift over minutes falls on both sides of the comparison alike."""
+    og, model, session_options, threads_now, min_cache = load(a)
+    model_dir = Path(a.model).resolve()
     shape = logits_shape(model_dir)
-    info = json.loads((model_dir / INFO).read_text())
-    emit({"peer": PEER, "versions": versions(), "model_dir": str(model_dir), "precision": info.get("precision"),
-          "threads": a.threads, "session_options": session_options, "process_threads_after_load": threads_now, "providers": ["CPUExecutionProvider"],
+    emit({"ready": True, "peer": PEER, "versions": versions(), "model_dir": str(model_dir),
+          "precision": json.loads((model_dir / INFO).read_text()).get("precision"), "threads": a.threads,
+          "session_options": session_options, "process_threads_after_load": threads_now,
+          "providers": ["CPUExecutionProvider"], "new_tokens": a.new_tokens,
           "logits_shape": shape, "logits_all_positions": bool(shape) and len(shape) == 3 and shape[1] != 1,
           "timed": {"ttft_ms": "append_tokens(prompt) + first generate_next_token() + get_next_tokens()",
                     "decode_ms_per_token": "mean of the next new_tokens-1 generate_next_token() calls",
                     "setup_ms": "og.Generator(model, params), before the clock; not in ttft_ms"},
-          "batch_support": "batch_size search option; one append_tokens of batch x length ids (same length)",
-          "results": results})
+          "batch_support": "batch_size search option; one append_tokens of batch x length ids (same length)"})
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req.get("reset_rss"):
+            reset_peak_rss()
+        setup, ttft, decode, first, seqs, max_length = run_once(og, model, as_ids(req["ids"]), a.new_tokens,
+                                                                 min_cache)
+        emit({"setup_ms": setup, "ttft_ms": ttft, "decode_ms_per_token": decode, "first_token_ids": first,
+              "generated_ids": seqs, "max_length": max_length, "peak_rss_bytes": peak_rss_bytes()})
 
 
 def main():
@@ -278,17 +280,16 @@ def main():
     b.add_argument("--out", required=True)
     b.add_argument("--precision", required=True, choices=PRECISIONS)
     b.add_argument("--threads", type=int, default=1, help="torch threads for the build")
-    m = sub.add_parser("measure", help="time greedy generation with the Generator API")
-    m.add_argument("--model", required=True)
-    m.add_argument("--configs", required=True)
-    for flag, default in (("--new-tokens", None), ("--runs", 1), ("--warmup", 0), ("--threads", 1)):
-        m.add_argument(flag, type=int, default=default, required=default is None)
+    v = sub.add_parser("serve", help="load once, then one timed run per JSON line on stdin (pop-bench's rotation)")
+    v.add_argument("--model", required=True)
+    v.add_argument("--new-tokens", type=int, required=True)
+    v.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     if a.threads < 1:
         p.error("--threads must be at least 1")
-    if a.cmd == "measure" and (a.runs < 1 or a.new_tokens < 1):
-        p.error("--runs and --new-tokens must be at least 1")
-    cmd_build(a) if a.cmd == "build" else cmd_measure(a)
+    if a.cmd == "serve" and a.new_tokens < 1:
+        p.error("--new-tokens must be at least 1")
+    (cmd_build if a.cmd == "build" else cmd_serve)(a)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ def stat(values):
             "min": float(v.min()), "max": float(v.max()), "runs": [float(x) for x in v]}
 
 
-def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, images=None):
+def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, images=None, between=None):
     """POP and full mode on the same ids.  Full-mode runs stop at the first token:
     the decode steps after it are the same graph at the same shapes as in POP mode.
-    With images (VLM artifacts), ids are chat texts and images one list per row."""
+    With images (VLM artifacts), ids are chat texts and images one list per row.
+    between(i, counted), when given, runs after pair i: the turn of peers measured in the same rotation."""
     rows = list(ids) if images is not None else [list(map(int, r)) for r in ids]
     samples = {k: [] for k in ("pop_ttft", "full_ttft", "speedup", "prefill", "boundary", "full_prefill",
                                "decode_step", "decode_per_token", "vision", "prepare")}
@@ -60,6 +61,8 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
                     first_tokens[mode] = [int(t) for t in token]
             pair[mode] = stats
             tick()
+        if between is not None:
+            between(i, i >= warmup)
         if i < warmup:
             continue
         pop, full = pair["pop"], pair["full"]

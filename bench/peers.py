@@ -167,7 +167,11 @@ class OptimumOnnx(ScriptPeer):
 
 class Genai(ScriptPeer):
     """onnxruntime-genai: its own model builder's export of the same HF folder (last-token logits only,
-    prune_lm_head), run by its Generator API (bench/genai_peer.py)."""
+    prune_lm_head), run by its Generator API (bench/genai_peer.py).
+
+    It runs in pop-bench's rotation rather than after it: a process of its own loads the build once
+    (start) and takes one turn after each of our POP/full run pairs (turn), so that the machine's drift
+    over the minutes a benchmark takes falls on both sides of the comparison alike."""
     script = GENAI_SCRIPT
 
     def __init__(self, manifest, threads, python, build_dir, precision="fp32", progress=print):
@@ -180,11 +184,49 @@ class Genai(ScriptPeer):
         progress(f"{self.name}: building {hf_dir} into {self.dir} (once)")
         self.build = self._call("build", "--hf", hf_dir, "--out", self.dir, "--precision", precision,
                                 "--threads", threads)
+        self.proc, self.runs = None, {}
 
-    def measure_all(self, configs, new_tokens, runs, warmup):
-        _, rows = self._measure(configs, "measure", "--model", self.dir, "--new-tokens", new_tokens, "--runs", runs,
-                                "--warmup", warmup, "--threads", self.threads, "--configs")
-        return rows
+    def start(self, new_tokens):
+        cmd = [str(self.python), str(self.script), "serve", "--model", str(self.dir), "--new-tokens", str(new_tokens),
+               "--threads", str(self.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._reply()
+        self.versions = self.info.get("versions", {})
+        return self
+
+    def _reply(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise PopError(f"the {self.name} peer stopped (exit {self.proc.wait()}): {' '.join(self.proc.args)}")
+        return json.loads(line)
+
+    def turn(self, batch, length, ids, counted, first_of_config=False):
+        """One timed run on ids; kept for (batch, length) when counted (warmup turns are not)."""
+        self.proc.stdin.write(json.dumps({"ids": ids.tolist(), "reset_rss": first_of_config}) + "\n")
+        self.proc.stdin.flush()
+        r = self._reply()
+        if counted:
+            self.runs.setdefault((batch, length), []).append(r)
+
+    def measured(self):
+        """{(batch, length): row} in the shape ScriptPeer._measure gives."""
+        out = {}
+        for key, runs in self.runs.items():
+            out[key] = {"ttft": stat([r["ttft_ms"] for r in runs]),
+                        "decode_per_token": stat([r["decode_ms_per_token"] for r in runs
+                                                  if r["decode_ms_per_token"] is not None]),
+                        "peak_rss_bytes": max(r["peak_rss_bytes"] or 0 for r in runs) or None,
+                        "first_tokens": runs[-1]["first_token_ids"]}
+        return out
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def first_token_agreement(a, b):

@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from pop.runtime.errors import PopError
-from pop.runtime.manifest import Manifest
+from pop.runtime.manifest import Manifest, np_dtype
 
-from . import cost, measure, peers, report, runtime_peers
+from . import cost, machine, measure, peers, report, runtime_peers
 
 
 def _check(args, max_seq_len):
@@ -25,7 +26,9 @@ def _check(args, max_seq_len):
         raise PopError("--runs must be at least 1 and --warmup at least 0")
     if args.threads is not None and args.threads < 1:
         raise PopError("--threads must be at least 1")
-    too_long = [] if args.image_sizes else [n for n in args.prompt_lens if n + args.new_tokens > max_seq_len]
+    args.prompt_text = _read(args.prompt_file) if args.prompt_file else None  # before anything loads
+    too_long = [] if args.image_sizes or args.prompt_file else [n for n in args.prompt_lens
+                                                                if n + args.new_tokens > max_seq_len]
     if too_long:
         raise PopError(f"prompt length {too_long[0]} + {args.new_tokens} new tokens exceeds these artifacts' "
                        f"max_seq_len {max_seq_len}")
@@ -48,9 +51,11 @@ def bench(args):
 
     manifest = Manifest.load(args.artifacts)  # fails fast, before anything is timed
     chosen = _check(args, int(manifest.max_seq_len))
-    if chosen and args.backend in ("ort-cuda", "trt"):
-        print(f"pop-bench: the peers run on the CPU, so they are not compared with --backend {args.backend}; "
-              f"not run", file=sys.stderr)
+    # ort-cuda, trt, and AOTInductor packages compiled for CUDA
+    on_gpu = args.backend in ("ort-cuda", "trt") or any(g.device == "cuda" for g in manifest.graphs.values())
+    if chosen and on_gpu:
+        print("pop-bench: the peers run on the CPU, so they are not compared with a GPU backend; not run",
+              file=sys.stderr)
         chosen = []
     if args.image_sizes:
         if manifest.vision is None:
@@ -60,52 +65,116 @@ def bench(args):
         chosen = []
     shapes = cost.Shapes.from_manifest(manifest)
     threads = args.threads or len(os.sched_getaffinity(0))
-    session = PopSession.load(args.artifacts, args.backend, threads=threads, prepack=args.prepack_weights)
+    # the hardware's rates, measured now, before any model is in memory
+    args.machine_rates = None if on_gpu else machine.measure(threads)
+    session = PopSession.load(args.artifacts, args.backend, threads=threads, prepack=args.prepack_weights,
+                              tf32=args.tf32)
     args.device = session.backend.device
     args.backend = args.backend or session.backend.name
     tok = manifest.tokenizer
     if args.image_sizes:
         return _bench_images(args, manifest, session, shapes, threads)
-    configs = [(b, n, measure.prompt_ids(session.vocab_size, tok.eos_ids, b, n, tok.bos_id if tok.add_bos else None))
-               for b in args.batch for n in args.prompt_lens]
+    if args.prompt_file:  # the user's own prompt, one row per batch entry
+        row = session.encode(args.prompt_text).rows[0]
+        if len(row) + args.new_tokens > session.max_seq_len:
+            raise PopError(f"{args.prompt_file} has {len(row)} tokens; with {args.new_tokens} new tokens that exceeds "
+                           f"these artifacts' {session.max_seq_len} (re-export with a larger --max-seq-len)")
+        args.prompt_lens = [len(row)]
+        configs = [(b, len(row), np.array([row] * b, np.int64)) for b in args.batch]
+    else:
+        bos = tok.bos_id if tok.add_bos else None
+        configs = [(b, n, measure.prompt_ids(session.vocab_size, tok.eos_ids, b, n, bos))
+                   for b in args.batch for n in args.prompt_lens]
 
     rows = []
-    total = len(configs) * (args.warmup + args.runs) * (2 + ("hf" in chosen))
+    in_rotation = [c for c in chosen if c.startswith("genai")]
+    total = len(configs) * (args.warmup + args.runs) * (2 + ("hf" in chosen) + len(in_rotation))
     with tqdm(total=total, desc="pop-bench", unit="run", file=sys.stderr) as bar:
-        for b, n, ids in configs:
-            bar.set_postfix_str(f"batch {b}, prompt {n}")
-            r = measure.measure_runtime(session, ids, args.new_tokens, args.runs, args.warmup, bar.update)
-            expected = cost.expected_speedup(shapes, n)
-            rows.append({"batch": b, "prompt_len": n, "pop_ttft_ms": r["pop_ttft"], "full_ttft_ms": r["full_ttft"],
-                         "speedup": r["speedup"], "expected_speedup": expected,
-                         "measured_over_expected": r["speedup"]["median"] / expected,
-                         "decode_ms_per_token": r["decode_per_token"],
-                         "graphs_ms": {"prefill": r["prefill"], "boundary": r["boundary"],
-                                       "decode_step": r["decode_step"], "full_prefill": r["full_prefill"]},
-                         **({"gpu_ms": r["gpu"]} if r["gpu"] else {}),
-                         "flops": {"pop_ttft": cost.ttft(shapes, n, "pop", b), "full_ttft": cost.ttft(shapes, n, "full", b)},
-                         "peak_rss_bytes": r["peak_rss_bytes"], "first_tokens": r["first_tokens"]})
-            bar.write(f"batch {b} prompt {n}: POP {r['pop_ttft']['median']:.1f} ms, full {r['full_ttft']['median']:.1f} ms, "
-                      f"speedup {r['speedup']['median']:.2f} (expected {expected:.2f})")
-        del session  # peers get the memory and the cores to themselves
-        peer_reports = _run_peers(args, chosen, manifest, threads, configs, rows, bar)
+        rotation, failed = _start_rotation(args, in_rotation, manifest, threads, bar)
+        try:
+            for b, n, ids in configs:
+                bar.set_postfix_str(f"batch {b}, prompt {n}")
+
+                def turns(i, counted, b=b, n=n, ids=ids):
+                    for peer in rotation.values():
+                        peer.turn(b, n, ids, counted, first_of_config=i == 0)
+                        bar.update()
+
+                r = measure.measure_runtime(session, ids, args.new_tokens, args.runs, args.warmup, bar.update,
+                                            between=turns if rotation else None)
+                expected = cost.expected_speedup(shapes, n)
+                rows.append({"batch": b, "prompt_len": n, "pop_ttft_ms": r["pop_ttft"], "full_ttft_ms": r["full_ttft"],
+                             "speedup": r["speedup"], "expected_speedup": expected,
+                             "measured_over_expected": r["speedup"]["median"] / expected,
+                             "decode_ms_per_token": r["decode_per_token"],
+                             "graphs_ms": {"prefill": r["prefill"], "boundary": r["boundary"],
+                                           "decode_step": r["decode_step"], "full_prefill": r["full_prefill"]},
+                             **({"gpu_ms": r["gpu"]} if r["gpu"] else {}),
+                             "flops": {"pop_ttft": cost.ttft(shapes, n, "pop", b),
+                                       "full_ttft": cost.ttft(shapes, n, "full", b)},
+                             "of_machine": _fractions(args.machine_rates, manifest, shapes, b, n, r),
+                             "peak_rss_bytes": r["peak_rss_bytes"], "first_tokens": r["first_tokens"]})
+                bar.write(f"batch {b} prompt {n}: POP {r['pop_ttft']['median']:.1f} ms, full "
+                          f"{r['full_ttft']['median']:.1f} ms, speedup {r['speedup']['median']:.2f} "
+                          f"(expected {expected:.2f})")
+        finally:
+            for peer in rotation.values():
+                peer.close()
+        del session  # the peers measured after us get the memory and the cores to themselves
+        after = [c for c in chosen if c not in in_rotation]
+        peer_reports = failed + _run_peers(args, after, manifest, threads, configs, rows, bar)
+        peer_reports += [_compare(rows, {"name": p.name, "available": True, "versions": p.versions,
+                                         "build": str(p.dir.resolve()), "precision": p.precision,
+                                         "measured": "in pop-bench's rotation, a turn after each POP/full pair"},
+                                  p.measured()) for p in rotation.values()]
 
     _write(args, manifest, threads, shapes, rows, peer_reports)
     return 0
 
 
+def _read(path):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PopError(f"cannot read --prompt-file {path}: {e}") from None
+    if not text.strip():
+        raise PopError(f"--prompt-file {path} is empty")
+    return text
+
+
+def _fractions(rates, manifest, shapes, batch, n, r):
+    """Full-mode prefill as a fraction of the measured fp32 matrix-product rate (the cost model's FLOPs over
+    the full-mode TTFT), and a decode step at context n as a fraction of the measured read bandwidth (every
+    stored weight plus the rows' cached K/V read once)."""
+    if not rates or "gemm_fp32_gflops" not in rates or not r["decode_per_token"]:
+        return None
+    layer = manifest.kv_cache.layers[0]
+    kv_bytes = 2 * shapes.layers * batch * layer.kv_heads * layer.head_dim * n * np_dtype(manifest.kv_cache.dtype).itemsize
+    step_s = r["decode_per_token"]["median"] / 1e3
+    return {"full_prefill_of_gemm_rate": cost.ttft(shapes, n, "full", batch) / (r["full_ttft"]["median"] / 1e3)
+            / (rates["gemm_fp32_gflops"] * 1e9),
+            "decode_of_read_bandwidth": (manifest.weights.stored_bytes + kv_bytes) / step_s / (rates["read_gbs"] * 1e9),
+            "decode_bytes_per_step": manifest.weights.stored_bytes + kv_bytes}
+
+
 def _gpu_name(device):
     if device == "cpu":
         return None
-    from pop.runtime.backends.cuda import device_info
-    return device_info()
+    try:
+        from pop.runtime.backends.cuda import device_info
+        return device_info()
+    except PopError:  # AOTInductor packages need torch, not cuda-python
+        import torch
+        return {"name": torch.cuda.get_device_name(0),
+                "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
 
 
 def _write(args, manifest, threads, shapes, rows, peer_reports):
     result = {
         "schema": "pop-bench/1", "model": manifest.model.name, "artifacts": str(Path(args.artifacts).resolve()),
         "backend": args.backend, "device": args.device, "gpu": _gpu_name(args.device), "threads": threads,
-        "machine": {"cpu": _cpu_name(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()},
+        "machine": {"cpu": _cpu_name(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                    "rates": getattr(args, "machine_rates", None)},
         "settings": {"prompt_lens": None if args.image_sizes else args.prompt_lens, "batch": args.batch,
                      "image_sizes": args.image_sizes, "new_tokens": args.new_tokens, "runs": args.runs,
                      "warmup": args.warmup, "prepack_weights": args.prepack_weights,
@@ -172,7 +241,7 @@ def _bench_images(args, manifest, session, shapes, threads):
 
 
 def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
-    ours = {(r["batch"], r["prompt_len"]): r for r in rows}
+    """The peers measured after our runs, one at a time, each with the machine to itself."""
     out = []
     for name in chosen:
         try:
@@ -200,16 +269,6 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                                   f"{o['python']['median']:.4f} ms ({100 * o['python_share_of_backend']:.2f}%)")
                 entry = {"name": cls.name, "available": True, "versions": peer.versions}
                 del peer
-            elif name.startswith("genai"):
-                precision = "int4" if name == "genai-int4" else "fp32"
-                python = peers.genai_python(args.genai_python)
-                build = (Path(args.genai_dir) if args.genai_dir else Path("artifacts") / "genai") / \
-                    f"{manifest.model.name}-{precision}"
-                bar.set_postfix_str(f"onnxruntime-genai {precision}")
-                peer = peers.Genai(manifest, threads, python, build, precision, bar.write)
-                measured = peer.measure_all(configs, args.new_tokens, args.runs, args.warmup)
-                entry = {"name": peer.name, "available": True, "versions": peer.versions,
-                         "build": str(build.resolve()), "precision": precision}
             else:
                 python = peers.optimum_python(args.optimum_python)
                 export_dir = args.optimum_dir or Path("artifacts") / "optimum" / manifest.model.name
@@ -220,26 +279,47 @@ def _run_peers(args, chosen, manifest, threads, configs, rows, bar):
                          "export": str(Path(export_dir).resolve()), "logits_all_positions": peer.logits_all_positions}
         except PopError as e:
             bar.write(f"{name}: not run: {e}")
-            names = {"hf": peers.HFEager.name, "optimum": peers.OptimumOnnx.name, "genai": "onnxruntime-genai fp32",
-                     "genai-int4": "onnxruntime-genai int4", **runtime_peers.NAMES}
+            names = {"hf": peers.HFEager.name, "optimum": peers.OptimumOnnx.name, **runtime_peers.NAMES}
             out.append({"name": names[name], "available": False, "why": str(e)})
             continue
-        results = []
-        for key, m in measured.items():
-            mine = ours[key]
-            results.append({"batch": key[0], "prompt_len": key[1], "ttft_ms": m["ttft"],
-                            "decode_ms_per_token": m["decode_per_token"], "peak_rss_bytes": m.get("peak_rss_bytes"),
-                            "pop_full_ttft_vs_peer": mine["full_ttft_ms"]["median"] / m["ttft"]["median"],
-                            "pop_ttft_vs_peer": mine["pop_ttft_ms"]["median"] / m["ttft"]["median"],
-                            "pop_decode_vs_peer": (mine["decode_ms_per_token"]["median"] / m["decode_per_token"]["median"]
-                                                   if m["decode_per_token"] else None),
-                            "first_token_agreement": peers.first_token_agreement(mine["first_tokens"].get("full"),
-                                                                                 m.get("first_tokens")),
-                            **({"overhead_per_decode_step_ms": m["overhead_per_decode_step_ms"]}
-                               if "overhead_per_decode_step_ms" in m else {})})
-        entry["results"] = results
-        out.append(entry)
+        out.append(_compare(rows, entry, measured))
     return out
+
+
+def _start_rotation(args, names, manifest, threads, bar):
+    """({name: a started peer that takes turns in our rotation}, [reports of those that could not start])."""
+    started, failed = {}, []
+    for name in names:
+        precision = "int4" if name == "genai-int4" else "fp32"
+        try:
+            python = peers.genai_python(args.genai_python)
+            build = (Path(args.genai_dir) if args.genai_dir else Path("artifacts") / "genai") / \
+                f"{manifest.model.name}-{precision}"
+            bar.set_postfix_str(f"onnxruntime-genai {precision}: loading")
+            started[name] = peers.Genai(manifest, threads, python, build, precision, bar.write).start(args.new_tokens)
+        except PopError as e:
+            bar.write(f"{name}: not run: {e}")
+            failed.append({"name": f"onnxruntime-genai {precision}", "available": False, "why": str(e)})
+    return started, failed
+
+
+def _compare(rows, entry, measured):
+    """entry with its results: the peer's figures beside ours for each configuration."""
+    ours = {(r["batch"], r["prompt_len"]): r for r in rows}
+    results = []
+    for key, m in measured.items():
+        mine = ours[key]
+        results.append({"batch": key[0], "prompt_len": key[1], "ttft_ms": m["ttft"],
+                        "decode_ms_per_token": m["decode_per_token"], "peak_rss_bytes": m.get("peak_rss_bytes"),
+                        "pop_full_ttft_vs_peer": mine["full_ttft_ms"]["median"] / m["ttft"]["median"],
+                        "pop_ttft_vs_peer": mine["pop_ttft_ms"]["median"] / m["ttft"]["median"],
+                        "pop_decode_vs_peer": (mine["decode_ms_per_token"]["median"] / m["decode_per_token"]["median"]
+                                               if m["decode_per_token"] else None),
+                        "first_token_agreement": peers.first_token_agreement(mine["first_tokens"].get("full"),
+                                                                             m.get("first_tokens")),
+                        **({"overhead_per_decode_step_ms": m["overhead_per_decode_step_ms"]}
+                           if "overhead_per_decode_step_ms" in m else {})})
+    return {**entry, "results": results}
 
 
 def _cpu_name():

@@ -40,6 +40,9 @@ def parser():
     p = argparse.ArgumentParser(prog="pop-bench", description="Latency of POP against the full model and peers.")
     p.add_argument("artifacts", help="a folder written by pop-export")
     p.add_argument("--prompt-lens", type=_ints("--prompt-lens"), default=[128, 512, 1024, 2048])
+    p.add_argument("--prompt-file", metavar="FILE", default=None,
+                   help="time this prompt (UTF-8 text, tokenized as pop-generate does) instead of seeded ids of "
+                        "--prompt-lens")
     p.add_argument("--batch", type=_ints("--batch"), default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (decode is timed over them)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per configuration (medians are reported)")

@@ -28,6 +28,7 @@ def parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (the tokenizer's BOS is added when the model wants one)")
     src.add_argument("--prompt-ids", type=_ids, help="prompt token ids, comma-separated, used as given")
+    src.add_argument("--prompt-file", metavar="FILE", help="prompt text read from a UTF-8 file")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image for a vision-language export (repeatable); the prompt becomes one chat turn "
                         "with the images before the text")
@@ -42,6 +43,9 @@ def parser():
     add_runtime(p, BACKENDS)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--compare-modes", action="store_true",
+                   help="after generating, time the first token of this prompt in POP and in full mode (median of "
+                        "3 runs each, interleaved, after a warm-up) and print both")
     return p
 
 
@@ -49,12 +53,37 @@ def main(argv=None):
     return generate(parser().parse_args(argv))
 
 
+def _read_prompt(path):
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PopError(f"cannot read --prompt-file {path}: {e}") from None
+    if not text.strip():
+        raise PopError(f"--prompt-file {path} is empty")
+    return text
+
+
+def compare_modes(session, prompt, runs=3):
+    """One line: the first token's latency on this prompt, POP against full mode (bench/measure.py's A/B)."""
+    from pop.bench.measure import measure_runtime
+    request = session.encode(prompt)
+    r = measure_runtime(session, [request.rows[0]], 2, runs, 1)
+    pop, full = r["pop_ttft"]["median"], r["full_ttft"]["median"]
+    m = session.manifest.pop
+    return (f"time to first token on this {r['prompt_tokens']}-token prompt (median of {runs}): POP "
+            f"({m.prefill_layers} of {m.num_layers} layers in prefill) {pop:.0f} ms, full model {full:.0f} ms: "
+            f"{r['speedup']['median']:.2f}x sooner")
+
+
 def generate(args):
+    if args.prompt_file is not None:
+        args.prompt = _read_prompt(args.prompt_file)
     try:
         sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise PopError(str(e)) from None
-    session = PopSession.load(args.artifacts, args.backend, threads=args.threads, prepack=args.prepack_weights)
+    session = PopSession.load(args.artifacts, args.backend, threads=args.threads, prepack=args.prepack_weights,
+                              tf32=args.tf32)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     images = None
     if args.image:
@@ -62,6 +91,8 @@ def generate(args):
             raise PopError("--image goes with --prompt (the chat template places the image before the text)")
         if session.mm is None:
             raise PopError(f"{args.artifacts} is a text-only export: --image needs a vision-language model")
+        if args.compare_modes:
+            raise PopError("--compare-modes times text prompts only")
         images = [load_image(path) for path in args.image]  # fail on a bad file before any work
     if args.prompt is not None and (args.chat or images):
         prompt = session.chat_prompt(args.prompt, len(images or []))
@@ -82,12 +113,14 @@ def generate(args):
         # the generator checks the prompt only when it starts: take the first piece
         # before echoing, so a rejected prompt prints nothing to stdout
         first = next(pieces, "")
-        if args.prompt is not None and prompt == args.prompt:
-            print(args.prompt, end="", flush=True)
+        if args.prompt is not None and prompt == args.prompt and args.prompt_file is None:
+            print(args.prompt, end="", flush=True)  # a prompt file is the user's to read, not echoed
         print(first, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
+    if args.compare_modes:
+        print(compare_modes(session, prompt))
 
 
 if __name__ == "__main__":
