@@ -10,6 +10,7 @@ import pytest
 from conftest import cli
 from pop.bench import cost
 from pop.bench.measure import prompt_ids, stat
+from pop.runtime.errors import PopError
 from pop.runtime.manifest import Encoder, Manifest
 from test_bad_input import assert_one_line_error
 
@@ -166,6 +167,47 @@ def test_optimum_peer_on_smollm2(exports, tmp_path):
     assert row["first_token_agreement"] == 1.0
     assert row["ttft_ms"]["median"] > 0 and row["decode_ms_per_token"]["median"] > 0
     assert (tmp_path / "optimum" / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_genai_peer_on_smollm2(exports, tmp_path):
+    """onnxruntime-genai's own export of the same weights, in its venv (scripts/test.sh makes it): built,
+    run in pop-bench's rotation, and its greedy tokens equal to our full mode's on real text."""
+    from pop.bench import peers
+    from pop.runtime.session import PopSession
+    from conftest import EXCERPTS
+    try:
+        python = peers.genai_python()
+    except PopError as e:
+        pytest.fail(f"{e} (scripts/test.sh makes it)")
+    directory = exports("smollm2-135m")
+    out = tmp_path / "bench.json"
+    run = cli("pop-bench", directory, "--prompt-lens", "40", "--batch", "1,2", "--runs", 2, "--warmup", 1,
+              "--new-tokens", 4, "--threads", 2, "--peers", "genai", "--genai-python", python,
+              "--genai-dir", tmp_path / "genai", "--json", out)
+    assert run.returncode == 0, run.stderr
+    (peer,) = json.loads(out.read_text())["peers"]
+    assert peer["available"] and peer["name"] == "onnxruntime-genai fp32" and peer["precision"] == "fp32", peer
+    assert "rotation" in peer["measured"] and peer["versions"]["onnxruntime-genai"].startswith("0.18")
+    assert [(r["batch"], r["prompt_len"]) for r in peer["results"]] == [(1, 40), (2, 40)]
+    for row in peer["results"]:
+        assert row["first_token_agreement"] == 1.0
+        assert len(row["ttft_ms"]["runs"]) == 2 and row["decode_ms_per_token"]["median"] > 0  # warmup left out
+    assert (tmp_path / "genai" / "smollm2-135m-fp32" / "genai_config.json").is_file()
+
+    # whole greedy continuations of real text, row by row, against our full mode (the unpruned model)
+    session = PopSession.load(directory, threads=2)
+    genai = peers.Genai(Manifest.load(directory), 2, python, tmp_path / "genai" / "smollm2-135m-fp32",
+                        progress=lambda m: None).start(12)
+    try:
+        for excerpt in (EXCERPTS[0], EXCERPTS[4]):
+            ids = session.encode(" ".join(excerpt["text"].split()[:60])).rows[0]
+            genai.turn(1, len(ids), np.array([ids]), counted=True)
+            theirs = genai.runs[(1, len(ids))][-1]["generated_ids"][0]
+            assert session.generate(ids, 12, "full", stop_at_eos=False).output_ids[0] == theirs
+    finally:
+        genai.close()
+    assert genai.proc.returncode == 0
 
 
 def peers_python():

@@ -69,6 +69,41 @@ def test_prompt_text_is_tokenized_as_hf_does(unpruned, hf_models):
     assert json.loads(out.stdout)["prompt_ids"] == _ids(hf_models("tiny-llama"), PROMPTS[1])
 
 
+def test_prompt_file_and_compare_modes(exports, tmp_path):
+    """--prompt-file reads the same prompt as --prompt (without echoing it); --compare-modes adds one line
+    with both modes' first-token times on that prompt; a file that is missing or empty is one error line."""
+    import re
+    from test_bad_input import assert_one_line_error
+    directory = exports("tiny-llama")
+    manifest = json.loads((directory / "pop_manifest.json").read_text())["pop"]
+    path = tmp_path / "prompt.txt"
+    path.write_text(PROMPTS[1], encoding="utf-8")
+    given = cli("pop-generate", directory, "--prompt", PROMPTS[1], "--max-new-tokens", 4, "--json")
+    read = cli("pop-generate", directory, "--prompt-file", path, "--max-new-tokens", 4, "--json")
+    assert given.returncode == 0 and read.returncode == 0, read.stderr
+    given, read = json.loads(given.stdout), json.loads(read.stdout)
+    assert (read["prompt_ids"], read["output_ids"]) == (given["prompt_ids"], given["output_ids"])
+
+    run = cli("pop-generate", directory, "--prompt-file", path, "--max-new-tokens", 4, "--compare-modes")
+    assert run.returncode == 0, run.stderr
+    text, line = run.stdout.rstrip("\n").rsplit("\n", 1)
+    assert PROMPTS[1] not in text and text == read["text"]
+    found = re.fullmatch(r"time to first token on this (\d+)-token prompt \(median of 3\): POP \((\d+) of (\d+) "
+                         r"layers in prefill\) (\d+(?:\.\d)?) ms, full model (\d+(?:\.\d)?) ms: speedup (\d+\.\d\d)x", line)
+    assert found, line
+    tokens, keep, layers, pop, full, speedup = found.groups()
+    assert int(tokens) == len(read["prompt_ids"])
+    assert (int(keep), int(layers)) == (manifest["prefill_layers"], manifest["num_layers"])
+    assert float(pop) > 0 and float(full) > 0 and float(speedup) > 0
+
+    assert_one_line_error(cli("pop-generate", directory, "--prompt-file", tmp_path / "none.txt"),
+                          "cannot read --prompt-file", "none.txt")
+    (tmp_path / "empty.txt").write_text(" \n")
+    assert_one_line_error(cli("pop-generate", directory, "--prompt-file", tmp_path / "empty.txt"), "is empty")
+    assert_one_line_error(cli("pop-generate", directory, "--prompt-ids", "1,2", "--prompt-file", path),
+                          "not allowed with")
+
+
 def _rows(kv, layer, kind, row, length):
     """Row `row`'s first `length` cached K (kind 0) or V entries, [slots, kv_heads, head_dim]."""
     return kv.cache[layer, kind, row, :, :length].transpose(1, 0, 2)
