@@ -39,6 +39,7 @@ class Step:
     past: object = 0  # P, the slots before this step that keys are read from (plain form)
     masks: dict = field(default_factory=dict)  # plain: window -> (past mask, new mask); fused: window -> bias
     hide: tuple = ((), 0)  # (layers, slots): pop-eval's "without KV projections" ablation; graphs never set it
+    window: tuple | None = None  # fused decode: (seqlens, total) of sliding layers, counted from their bound past
 
 
 def step_for(seqlens, total, new, positions=None, groups=None, slots=None):
@@ -172,9 +173,15 @@ class FusedOps(PlainOps):
             k = apply_rope(split_heads(k, ad.num_kv_heads), cos_t, sin_t)
         if step.groups is not None:
             bias, window = step.masks[window], None  # the bias holds the window (causal=0 refuses one)
+        seqlens, total, positions = step.seqlens, step.total, None
+        if window and step.window is not None:
+            # A sliding layer's past may be bound from a later slot than the others' (the runtime skips
+            # what has left every row's window: runtime/session.py), so its lengths count from there;
+            # the rotary positions stay the tokens' own.
+            (seqlens, total), positions = step.window, step.positions
         out, present_k, present_v = torch.ops.pop.gqa(
-            _flat(q), _flat(k), _flat(v), past_k, past_v, step.seqlens, step.total, cos, sin, bias, ad.num_heads,
-            ad.num_kv_heads, float(ad.attn_scale(l)), float(ad.attn_softcap() or 0.0), window or -1)
+            _flat(q), _flat(k), _flat(v), past_k, past_v, seqlens, total, cos, sin, bias, positions,
+            ad.num_heads, ad.num_kv_heads, float(ad.attn_scale(l)), float(ad.attn_softcap() or 0.0), window or -1)
         return out, present_k, present_v
 
     def rope_keys(self, graph, l, k, step):
@@ -266,18 +273,20 @@ def _(x, positions, cos, sin, num_heads):
 @torch.library.custom_op("pop::gqa", mutates_args=())
 def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
         seqlens: torch.Tensor, total: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-        bias: torch.Tensor | None, num_heads: int, kv_heads: int, scale: float, softcap: float,
-        window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bias: torch.Tensor | None, positions: torch.Tensor | None, num_heads: int, kv_heads: int, scale: float,
+        softcap: float, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupQueryAttention over a shared past/present buffer [B, Hkv, S, D]: each row's new tokens go to
     its slots start..start+T-1 (see step_for), then attend causally to everything the row holds.
-    cos/sin: rotary tables to apply inside (None: q and k come rotated); bias: the whole mask as an
-    additive bias (non-causal), else causal with an optional window; softcap 0 = none."""
+    cos/sin: rotary tables to apply inside (None: q and k come rotated), at `positions` [B, T] (int64)
+    where given, else at the slots written; bias: the whole mask as an additive bias (non-causal), else
+    causal with an optional window; softcap 0 = none."""
     b, t, _ = q.shape
     d = past_k.shape[-1]
     step = step_for(seqlens, total, t)
     qh, kh, vh = q.reshape(b, t, num_heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
     if cos is not None:
-        c, s = cos[step.positions], sin[step.positions]
+        at = step.positions if positions is None else positions
+        c, s = cos[at], sin[at]
         c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
         qh, kh = apply_rope(qh, c, s), apply_rope(kh, c, s)
     present_k, present_v = past_k.clone(), past_v.clone()
@@ -307,5 +316,6 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, seqlens, total, cos, sin, bias, num_heads, kv_heads, scale, softcap, window):
+def _(q, k, v, past_k, past_v, seqlens, total, cos, sin, bias, positions, num_heads, kv_heads, scale, softcap,
+      window):
     return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)

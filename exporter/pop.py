@@ -52,6 +52,17 @@ def extra_inputs(adapter):
     return names
 
 
+def windowed(adapter, form):
+    """Whether the decode graph takes window_seqlens_k and window_total_sequence_length (docs/MANIFEST.md):
+    the fused form of a family with sliding-window layers.  ONNX Runtime's CPU attention scores every
+    slot a row holds before it masks the window, so at long contexts those layers would cost what
+    global ones do; given these, the runtime binds a sliding layer's past from a later slot instead,
+    past what has left every row's window.  Not where the operator cannot index the rotary tables by
+    slot (M-RoPE) or the mask goes in whole as a bias (Gemma-3's bidirectional images)."""
+    return (form == "fused" and adapter.position_axes == 1 and not adapter.bidirectional_images
+            and any(adapter.sliding_window(l) for l in range(adapter.num_layers)))
+
+
 def _scatter(h, index, rows, add=False):
     """h [B,T,H] with rows [M,H] written (or added) at flat token positions index [M].
 
@@ -99,22 +110,26 @@ class PopGraph(nn.Module):
                 self.register_buffer(f"rope_cos_{kind}", cos, persistent=False)
                 self.register_buffer(f"rope_sin_{kind}", sin, persistent=False)
 
-    def _inputs(self, rest, with_slots=False):
-        """(cache_slots or None, M-RoPE positions or None, extra inputs by name, the remaining inputs)."""
-        slots = positions = None
+    def _inputs(self, rest, with_slots=False, with_window=False):
+        """(cache_slots or None, sliding layers' (seqlens, total) or None, M-RoPE positions or None, extra
+        inputs by name, the remaining inputs)."""
+        slots = window = positions = None
         if with_slots:
             slots, rest = rest[0], rest[1:]
+        if with_window:
+            window, rest = (rest[0], rest[1]), rest[2:]
         if self.ad.position_axes > 1:
             positions, rest = rest[0], rest[1:]
         n = len(self.extras)
-        return slots, positions, dict(zip(self.extras, rest[:n])), rest[n:]
+        return slots, window, positions, dict(zip(self.extras, rest[:n])), rest[n:]
 
     def rope_table(self, kind):
         """(cos, sin) [max_seq_len, D/2] by position (text families)."""
         return getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}")
 
-    def step(self, seqlens, total, new, positions, mm, with_past, slots=None):
+    def step(self, seqlens, total, new, positions, mm, with_past, slots=None, window=None):
         step = step_for(seqlens, total, new, positions, mm.get("token_groups"), slots)
+        step.window = window
         self.ops.prepare(self, step, with_past)
         return step
 
@@ -303,7 +318,7 @@ class PopPrefill(PopGraph):
         return range(self.prefill_layers) if self.form == "fused" else range(0)
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, *rest):
-        _, positions, mm, past = self._inputs(rest)
+        _, _, positions, mm, past = self._inputs(rest)
         step = self.step(seqlens_k, total_sequence_length, input_ids.shape[1], positions, mm, with_past=False)
         h = self.embed(input_ids, mm)
         k = self.prefill_layers
@@ -316,15 +331,21 @@ class PopPrefill(PopGraph):
 
 
 class PopDecode(PopGraph):
+    def __init__(self, adapter, form="plain", max_seq_len=4096):
+        super().__init__(adapter, form, max_seq_len)
+        self.windowed = windowed(adapter, form)
+
     def in_place_layers(self):
         return range(self.ad.num_layers) if self.form == "fused" else range(0)
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, *rest):
-        """rest: cache_slots [total] (the plain form: the slots 0..total-1 whose keys are read), then the
-        M-RoPE positions, the family's extra inputs and every layer's past K/V buffers."""
-        slots, positions, mm, past = self._inputs(rest, with_slots=self.form == "plain")
+        """rest: cache_slots [total] (the plain form: the slots 0..total-1 whose keys are read), then
+        window_seqlens_k [B] and window_total_sequence_length [] (see `windowed`), the M-RoPE positions,
+        the family's extra inputs and every layer's past K/V buffers."""
+        slots, window, positions, mm, past = self._inputs(rest, with_slots=self.form == "plain",
+                                                          with_window=self.windowed)
         step = self.step(seqlens_k, total_sequence_length, input_ids.shape[1], positions, mm, with_past=True,
-                         slots=slots)
+                         slots=slots, window=window)
         h = self.embed(input_ids, mm)
         pasts = [(past[2 * l], past[2 * l + 1]) for l in range(self.ad.num_layers)]
         h, x, presents = self.layers(h, step, pasts, mm)

@@ -13,6 +13,11 @@ New entries get there in one of two ways (docs/MANIFEST.md):
   (the plain form, and the pruned layers' KV heads): `place`.
 Neither copies the cache; a decode step allocates nothing.
 
+A sliding-window layer's block may also be bound from a later slot (`shifted`):
+the same memory, seen from `shift` slots on, so that attention over it starts
+there (runtime/session.py says when).  The allocation ends with one row of
+slack, so that the last block's shifted view stays inside it.
+
 The storage is allocated once for the largest batch seen.  Where it lives is the
 backend's choice (`zeros`): a numpy array on the CPU, device memory for the GPU
 backends, whose views are the same blocks as addresses (backends/cuda.py); a
@@ -28,7 +33,7 @@ class KVBuffer:
         self.dtype = np.dtype(dtype)
         self._zeros, self._place = zeros, place
         self._storage = zeros(0, self.dtype)
-        self._blocks = {}
+        self._blocks, self._shifted = {}, {}
         self.rows = 0
         self.slots = np.arange(max_seq_len, dtype=np.int64)  # what plain decode graphs take as cache_slots
         self.use(batch)
@@ -37,11 +42,11 @@ class KVBuffer:
         """Room for `batch` rows; reallocates only when it is the largest yet (the contents go then)."""
         if batch > self.rows:
             self._storage = None  # let the old allocation go before the new one is made
-            self._storage = self._zeros(self._size(batch), self.dtype)
-            self._blocks = {}
+            self._storage = self._zeros(self._size(batch) + self.max_seq_len * self.head_dim, self.dtype)
+            self._blocks, self._shifted = {}, {}
             self.rows = batch
-        self.cache = self._storage.reshape(self.num_layers, 2, self.rows, self.kv_heads, self.max_seq_len,
-                                           self.head_dim)
+        self.cache = self._storage[:self._size(self.rows)].reshape(
+            self.num_layers, 2, self.rows, self.kv_heads, self.max_seq_len, self.head_dim)
 
     def _size(self, rows):
         return self.num_layers * 2 * rows * self.kv_heads * self.max_seq_len * self.head_dim
@@ -59,6 +64,23 @@ class KVBuffer:
         if view is None:
             view = self._blocks[key] = self.cache[layer, kv, :rows]
         return view
+
+    def shifted(self, layer, kv, rows, shift):
+        """`block`, seen from slot `shift` on: element [r, h, j] is the block's [r, h, j + shift] for every
+        j a graph reads (j + shift < max_seq_len; beyond, the view runs into the next head's slots, which a
+        sliding layer's window never reaches).  Contiguous, [rows, kv_heads, max_seq_len, head_dim], and
+        the same view object while the shift stays, as `block` is."""
+        if shift == 0:
+            return self.block(layer, kv, rows)
+        key = (layer, kv, rows)
+        held = self._shifted.get(key)
+        if held is None or held[0] != shift:
+            per_row = self.kv_heads * self.max_seq_len * self.head_dim
+            begin = (layer * 2 + kv) * self.rows * per_row + shift * self.head_dim
+            view = self._storage[begin:begin + rows * per_row].reshape(rows, self.kv_heads, self.max_seq_len,
+                                                                         self.head_dim)
+            held = self._shifted[key] = (shift, view)
+        return held[1]
 
     def place(self, layer, kv, new, start):
         """Writes new [b, kv_heads, T, head_dim] into rows 0..b-1 at slots start[r]..start[r]+T-1."""

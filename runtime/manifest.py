@@ -25,13 +25,16 @@ from .errors import PopError
 
 FILE = "pop_manifest.json"
 FORMAT = "pop-manifest"
-SCHEMA_VERSION = 4  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
+SCHEMA_VERSION = 5  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
 # 3: a graph may be an AOTInductor package (format "aoti", its device, weights.tensors), which a
 #    version-2 runtime would hand to ONNX Runtime
 # 4: per-row cache lengths (seqlens_k, total_sequence_length) instead of attention_mask, the cache
 #    [batch, kv_heads, slot, head_dim] per layer, graph forms (fused, plain) and outputs written in
 #    place (alias): an older runtime would bind every input wrongly
-READABLE = (4,)
+# 5: a fused decode graph with sliding-window layers takes window_seqlens_k and
+#    window_total_sequence_length, which a version-4 runtime would not feed.  Version 4 still reads:
+#    its graphs are version 5's without those inputs.
+READABLE = (4, 5)
 
 
 def np_dtype(name):

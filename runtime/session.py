@@ -83,20 +83,39 @@ class GraphIO:
         self.placed = [(o.name, kv[o.name]) for o in graph.outputs if o.name in kv and not o.alias]
         self.logits = any(o.name == "logits" for o in graph.outputs)
         self.slots = any(i.name == "cache_slots" for i in graph.inputs)
+        # a fused decode graph's sliding layers may read their past from a later slot (window_shift)
+        windows = {layer.index: layer.sliding_window for layer in manifest.kv_cache.layers if layer.sliding_window}
+        self.windowed = any(i.name == "window_seqlens_k" for i in graph.inputs)
+        self.window = min(windows.values()) if self.windowed and windows else None
+        self.sliding = set(windows) if self.window else set()
         first = manifest.kv_cache.layers[0]
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
 
-    def bind(self, kv, staging, ids, seqlens, total, extra, logits):
-        """(inputs, outputs, [((layer, k|v), staged array)]) for a call over ids [B, T]."""
+    def window_shift(self, seqlens, new):
+        """Slots the sliding layers' past may skip on a call over `new` tokens per row: those before every
+        row's window (row r's one new token, at slot seqlens[r], sees slots seqlens[r] - window + 1 on),
+        in steps of a quarter window, so that their bindings change every window/4 decode steps, not at
+        each.  0 for a prompt: its queries reach back to the first slot."""
+        if self.window is None or new != 1:
+            return 0
+        quarter = max(1, self.window // 4)
+        return max(0, int(seqlens.min()) - self.window + 1) // quarter * quarter
+
+    def bind(self, kv, staging, ids, seqlens, total, extra, logits, shift=0):
+        """(inputs, outputs, [((layer, k|v), staged array)]) for a call over ids [B, T]; shift: the slots
+        the sliding layers' past skips (extra then holds their window_* lengths)."""
         b, t = ids.shape
         inputs = {"input_ids": ids, "seqlens_k": seqlens, "total_sequence_length": total, **extra}
         if self.slots:
             inputs["cache_slots"] = kv.slots[:int(total)]
+
+        def past(l, kind):
+            return kv.shifted(l, kind, b, shift) if l in self.sliding else kv.block(l, kind, b)
         for name, (l, kind) in self.past:
-            inputs[name] = kv.block(l, kind, b)
+            inputs[name] = past(l, kind)
         outputs = {"logits": logits} if self.logits else {}
         for name, (l, kind) in self.aliased:
-            outputs[name] = kv.block(l, kind, b)
+            outputs[name] = past(l, kind)
         staged = staging.views([(b, self.kv_heads, t, self.head_dim)] * len(self.placed))
         for (name, _), array in zip(self.placed, staged):
             outputs[name] = array
@@ -104,6 +123,10 @@ class GraphIO:
 
 
 class PopSession:
+    # Sliding layers read their past from the first slot any row's window reaches (GraphIO.window_shift);
+    # False binds it from slot 0, which computes the same, slower at long contexts (for A/B and tests).
+    window_shift = True
+
     def __init__(self, directory, manifest: Manifest, backend, tokenizer):
         self.directory, self.manifest, self.backend, self.tokenizer = Path(directory), manifest, backend, tokenizer
         layers = manifest.kv_cache.layers
@@ -167,10 +190,12 @@ class PopSession:
             self._pos = np.zeros(self.position_axes * batch * s, np.int64)
             self._groups = np.zeros((batch, s), np.int64)  # image number per slot, per row
             self._seqlens = np.zeros(batch, np.int32)
+            self._window_seqlens = np.zeros(batch, np.int32)
             # pinned host memory where the backend has it: the device writes the logits every step
             self._logits = getattr(self.backend, "host_zeros", np.zeros)((batch, self.vocab_size), self.logits_dtype)
             self._batch = batch
         self._total = np.zeros((), np.int32)
+        self._window_total = np.zeros((), np.int32)
         self.kv.use(batch)
 
     def _tokens(self, rows):
@@ -196,9 +221,16 @@ class PopSession:
             extra["position_ids"] = self._positions(positions)
         if self.mm is not None:
             extra.update(self.mm.feeds(ids, request.images, self._groups[:b]))
+        io, shift = self.io[graph], 0
+        if io.windowed:
+            shift = io.window_shift(self._seqlens[:b], t) if self.window_shift else 0
+            np.subtract(self._seqlens[:b], shift, out=self._window_seqlens[:b])
+            self._window_total[...] = total - shift
+            extra["window_seqlens_k"], extra["window_total_sequence_length"] = \
+                self._window_seqlens[:b], self._window_total
         logits = self._logits[:b]
-        inputs, outputs, placed = self.io[graph].bind(self.kv, self.staging, self._tokens(ids), self._seqlens[:b],
-                                                      self._total, extra, logits)
+        inputs, outputs, placed = io.bind(self.kv, self.staging, self._tokens(ids), self._seqlens[:b], self._total,
+                                          extra, logits, shift)
         gpu_ms = self.backend.run(graph, inputs, outputs)
         if placed:  # a first prompt fills every row from slot 0; later calls continue each row
             start = np.zeros(b, np.int64) if total == t else self._seqlens[:b].astype(np.int64) + 1 - t
@@ -258,7 +290,8 @@ class PopSession:
 
         stats (a dict), when given, receives the per-phase timings in ms.  observe(phase, logits),
         when given, is called after each prompt phase ("prefill", "boundary", "full") with the KV
-        buffer as the graphs left it (the exporter's verification compares it with the reference).
+        buffer as the graphs left it (the exporter's verification compares it with the reference),
+        and after each decode step ("decode").
         """
         if mode not in MODES:
             raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -313,6 +346,7 @@ class PopSession:
             step_ids[:, 0] = token
             seqlens = seqlens + 1
             logits, step_gpu = self._run("decode", request, step_ids, seqlens, int(seqlens.max()) + 1, next_pos)
+            observe("decode", logits)
             token = sampler(logits)
             if mrope:
                 next_pos = next_pos + 1

@@ -38,12 +38,13 @@ def _host_zeros(shape, dtype):
     return cuda.DeviceArray(array.ctypes.data, array.shape, array.dtype, owner=array)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_device_kv_blocks_are_numpys_blocks(exports, batch):
-    """What a session binds (GraphIO) addresses the same bytes of a device buffer as of a host one."""
+@pytest.mark.parametrize("model,batch", [("tiny-llama", 1), ("tiny-llama", 3), ("tiny-gemma3", 3)])
+def test_device_kv_blocks_are_numpys_blocks(exports, model, batch):
+    """What a session binds (GraphIO) addresses the same bytes of a device buffer as of a host one, the
+    sliding layers' past bound from a later slot (tiny-gemma3's decode graph) included."""
     from pop.runtime.kv import Staging
     from pop.runtime.session import GraphIO
-    man = Manifest.load(exports("tiny-llama"))
+    man = Manifest.load(exports(model))
     spec = man.kv_cache.layers[0]
     args = (len(man.kv_cache.layers), spec.kv_heads, spec.head_dim, 40, np.float32)
     host = KVBuffer(*args, batch=4)
@@ -55,8 +56,13 @@ def test_device_kv_blocks_are_numpys_blocks(exports, batch):
     logits = np.zeros((batch, 7), np.float32)
     for graph in ("prefill", "decode"):
         io = GraphIO(man.graphs[graph], man)
-        h_in, h_out, _ = io.bind(host, Staging(np.float32), ids, seqlens, total, {}, logits)
-        d_in, d_out, _ = io.bind(dev, Staging(np.float32, _host_zeros), ids, seqlens, total, {}, logits)
+        shift = 3 if io.windowed else 0
+        h_in, h_out, _ = io.bind(host, Staging(np.float32), ids, seqlens, total, {}, logits, shift)
+        d_in, d_out, _ = io.bind(dev, Staging(np.float32, _host_zeros), ids, seqlens, total, {}, logits, shift)
+        assert io.windowed == (model == "tiny-gemma3" and graph == "decode")
+        for name, (l, kind) in io.past:  # shifted by 3 slots of head_dim floats where the layer slides
+            moved = h_in[name].ctypes.data - host.block(l, kind, batch).ctypes.data
+            assert moved == (3 * spec.head_dim * 4 if shift and l in io.sliding else 0), name
         for h, d in [(h_in, d_in), (h_out, d_out)]:
             assert h.keys() == d.keys()
             for name in h:

@@ -104,6 +104,42 @@ def test_prompt_file_and_compare_modes(exports, tmp_path):
                           "not allowed with")
 
 
+def test_sliding_layers_read_from_their_window(exports):
+    """tiny-gemma3 (window 8): its decode graph takes the sliding layers' own lengths, and a past bound
+    from a later slot (the default: what has left every row's window is skipped) gives the logits of a
+    past bound from slot 0 at every phase and step, in both modes, while the skip really moves."""
+    from pop.runtime.session import MODES
+    directory = exports("tiny-gemma3")
+    shifted, whole = PopSession.load(directory), PopSession.load(directory)
+    whole.window_shift = False
+    decode = [i.name for i in shifted.manifest.graphs["decode"].inputs]
+    assert decode[3:5] == ["window_seqlens_k", "window_total_sequence_length"]
+    assert not any(i.name.startswith("window_") for i in shifted.manifest.graphs["prefill"].inputs)
+    io = shifted.io["decode"]
+    assert io.window == 8 and io.sliding == {l.index for l in shifted.manifest.kv_cache.layers if l.sliding_window}
+    assert io.window_shift(np.array([20, 12]), 1) == 4 and io.window_shift(np.array([20, 12]), 3) == 0
+    assert io.window_shift(np.array([7]), 1) == 0
+    shifts, rule = [], io.window_shift
+    io.window_shift = lambda seqlens, new: shifts.append(rule(seqlens, new)) or shifts[-1]
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (30, 12)]
+    for mode in MODES:
+        seen = {}
+        for name, session in (("shifted", shifted), ("whole", whole)):
+            seen[name] = []
+            def keep(phase, logits, out=seen[name]):
+                out.append((phase, None if logits is None else logits.copy()))
+            for _ in session.run(session.encode(rows), 24, mode, observe=keep):
+                pass
+        assert [p for p, _ in seen["shifted"]] == [p for p, _ in seen["whole"]]
+        for (phase, a), (_, b) in zip(seen["shifted"], seen["whole"]):
+            if a is not None:
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{mode} {phase}")
+    # POP's boundary step skips already (rows of 30 and 12: 4 slots), full mode's prompt nothing
+    assert shifts[0] == 4 and 0 in shifts and max(shifts) >= 8
+
+
 def _rows(kv, layer, kind, row, length):
     """Row `row`'s first `length` cached K (kind 0) or V entries, [slots, kv_heads, head_dim]."""
     return kv.cache[layer, kind, row, :, :length].transpose(1, 0, 2)

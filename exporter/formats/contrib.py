@@ -58,10 +58,10 @@ def register():
         raise RuntimeError(f"this onnxruntime does not define {sorted(missing)}")
 
 
-def _gqa(q, k, v, past_k, past_v, seqlens, total, cos, sin, bias, num_heads: int, kv_heads: int, scale: float,
-         softcap: float, window: int):
+def _gqa(q, k, v, past_k, past_v, seqlens, total, cos, sin, bias, positions, num_heads: int, kv_heads: int,
+         scale: float, softcap: float, window: int):
     out, present_k, present_v = Op(MS, "GroupQueryAttention")(
-        q, k, v, past_k, past_v, seqlens, total, cos, sin, None, bias,
+        q, k, v, past_k, past_v, seqlens, total, cos, sin, positions, bias,
         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, softcap=softcap, local_window_size=window,
         do_rotary=0 if cos is None else 1, rotary_interleaved=0, causal=1 if bias is None else 0)
     return out, present_k, present_v

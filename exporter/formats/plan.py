@@ -14,6 +14,7 @@ from torch.export import Dim
 from ..pop import PopDecode, PopPrefill, extra_inputs
 
 SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 5, 7
+WINDOW_INPUTS = ["window_seqlens_k", "window_total_sequence_length"]  # the decode graph's, where pop.windowed
 ROLES = {"vision": "images -> embeddings of their placeholder tokens",
          "prefill": "prompt tokens 1..N-1: layers < K, KV heads for layers >= K",
          "decode": "full model over T >= 1 new tokens per row after each row's past"}
@@ -94,9 +95,10 @@ def plans(adapter, prefill_layers, max_seq_len, dtype, heads=None, device="cpu",
         out.append(GraphPlan("vision", vision, sample, list(vision.input_names), list(vision.output_names),
                              tuple({0: first} for _ in sample), type(vision).__name__, {}))
 
-    def call(past, new, kv_layers, slots=False):
+    def call(past, new, kv_layers, slots=False, window=False):
         """(args, dynamic shapes) of a call over `new` tokens after `past` ones, reading kv_layers' buffers;
-        slots: the plain decode graph's cache_slots input."""
+        slots: the plain decode graph's cache_slots input; window: the sliding layers' lengths (pop.windowed),
+        traced equal to seqlens and total, as a past bound where it lies gives them."""
         seqlens = torch.tensor([past + new - 1, past + new - 2], dtype=torch.int32, device=device)[:b]
         total = torch.tensor(past + new, dtype=torch.int32, device=device)
         pos = []
@@ -105,9 +107,11 @@ def plans(adapter, prefill_layers, max_seq_len, dtype, heads=None, device="cpu",
                     .expand(adapter.position_axes, b, new).contiguous())]
         kv = [buffers[i] for l in kv_layers for i in (2 * l, 2 * l + 1)]
         cache_slots = [torch.arange(past + new, device=device)] if slots else []
-        rest = (*([{0: total_dim}] if slots else []), *position_axes, *axes, *({**buffer_axes} for _ in kv))
-        return (ids, seqlens, total, *cache_slots, *pos, *values, *kv), ({0: batch, 1: seq}, {0: batch}, None,
-                                                                         *([rest] if rest else []))
+        lengths = [seqlens.clone(), total.clone()] if window else []
+        rest = (*([{0: total_dim}] if slots else []), *([{0: batch}, None] if window else []), *position_axes, *axes,
+                *({**buffer_axes} for _ in kv))
+        return ((ids, seqlens, total, *cache_slots, *lengths, *pos, *values, *kv),
+                ({0: batch, 1: seq}, {0: batch}, None, *([rest] if rest else [])))
 
     prefill = PopPrefill(adapter, prefill_layers, heads, form, max_seq_len).to(device)
     kept = list(prefill.in_place_layers())
@@ -120,9 +124,10 @@ def plans(adapter, prefill_layers, max_seq_len, dtype, heads=None, device="cpu",
     decode = PopDecode(adapter, form, max_seq_len).to(device)
     everything = list(range(adapter.num_layers))
     plain = form == "plain"
-    args, shapes = call(SAMPLE_PAST, t, everything, slots=plain)
+    args, shapes = call(SAMPLE_PAST, t, everything, slots=plain, window=decode.windowed)
     aliases = {present_names[i]: past_names[i] for l in decode.in_place_layers() for i in (2 * l, 2 * l + 1)}
-    decode_head = [*head[:3], *(["cache_slots"] if plain else []), *head[3:]]
+    decode_head = [*head[:3], *(["cache_slots"] if plain else []),
+                   *(WINDOW_INPUTS if decode.windowed else []), *head[3:]]
     out.append(GraphPlan("decode", decode, args, [*decode_head, *extra, *past_names], ["logits", *present_names], shapes,
                          f"{adapter.num_layers} layers", aliases))
     return out

@@ -12,7 +12,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 // Versions this runtime reads (runtime/manifest.py, READABLE): 4, per-row cache lengths.
-static const int kReadable[] = {4};
+static const int kReadable[] = {4, 5};
 
 static Error bad(const std::string& what) { return Error(Status::bad_artifacts, what); }
 
@@ -60,7 +60,7 @@ Manifest read_manifest(const std::string& directory) {
   m.schema_version = j.value("schema_version", -1);
   if (std::find(std::begin(kReadable), std::end(kReadable), m.schema_version) == std::end(kReadable))
     throw bad(file + " has manifest schema version " + std::to_string(m.schema_version) +
-              "; this runtime reads version 4: re-export with this version of pop");
+              "; this runtime reads versions 4 and 5: re-export with this version of pop");
   try {
     if (j.contains("vision"))
       throw bad("these are vision-language artifacts; the C++ runtime runs text models only (use pop-generate)");

@@ -95,6 +95,10 @@ void bind(const Manifest& m, Session::Buffers& b, const std::string& graph, int6
     if (name == "input_ids") b.inputs.push_back({"input_ids", b.ids.data() + start, "int64", {1, length}});
     else if (name == "seqlens_k") b.inputs.push_back({"seqlens_k", &b.seqlens, "int32", {1}});
     else if (name == "total_sequence_length") b.inputs.push_back({"total_sequence_length", &b.total, "int32", {}});
+    // a sliding layer's past bound where it lies, as every layer's is here: its lengths are the others'
+    else if (name == "window_seqlens_k") b.inputs.push_back({"window_seqlens_k", &b.seqlens, "int32", {1}});
+    else if (name == "window_total_sequence_length")
+      b.inputs.push_back({"window_total_sequence_length", &b.total, "int32", {}});
     else if (name == "cache_slots") b.inputs.push_back({"cache_slots", b.cache_slots.data(), "int64", {start + length}});
     else {
       const auto [layer, kind] = m.kv_entry(name);
