@@ -83,10 +83,11 @@ class GraphIO:
         self.placed = [(o.name, kv[o.name]) for o in graph.outputs if o.name in kv and not o.alias]
         self.logits = any(o.name == "logits" for o in graph.outputs)
         self.slots = any(i.name == "cache_slots" for i in graph.inputs)
-        # a fused decode graph's sliding layers may read their past from a later slot (window_shift)
+        # a fused decode graph's sliding layers may read their past from a later slot (window_shift); with
+        # windows of several widths, the widest decides what has left all of them
         windows = {layer.index: layer.sliding_window for layer in manifest.kv_cache.layers if layer.sliding_window}
         self.windowed = any(i.name == "window_seqlens_k" for i in graph.inputs)
-        self.window = min(windows.values()) if self.windowed and windows else None
+        self.window = max(windows.values()) if self.windowed and windows else None
         self.sliding = set(windows) if self.window else set()
         first = manifest.kv_cache.layers[0]
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
