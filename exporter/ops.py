@@ -225,6 +225,16 @@ def graph_norm(module):
 OPS = {"plain": PlainOps(), "fused": FusedOps()}
 
 
+def encoder_attention(q, k, v, scale, bias=None):
+    """A vision tower's attention in the fused form: q, k, v [B, S, H, D] (token-major, the layout
+    MultiHeadAttention reads, so that no transpose is needed; rotated where the tower rotates), bias None
+    or additive [B|1, H|1, S, S] -> [B, S, H, D].  The towers take it as an argument
+    (adapter.vision_graph(attention)): families sit below this module and cannot import it."""
+    b, s, h, d = q.shape
+    out = torch.ops.pop.mha(*(x.reshape(b, x.shape[1], h * d) for x in (q, k, v)), bias, h, scale)
+    return out.reshape(b, s, h, d)
+
+
 # --- the fused primitives as torch custom ops: eager bodies are the plain math -------------------
 
 def _rms(x, gamma, eps):
@@ -313,6 +323,25 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
     probs = torch.softmax(scores, -1).to(q.dtype)
     out = probs @ values.repeat_interleave(g, 1)  # [B, Hq, T, D]
     return out.transpose(1, 2).reshape(b, t, num_heads * d), present_k, present_v
+
+
+@torch.library.custom_op("pop::mha", mutates_args=())
+def mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+        scale: float) -> torch.Tensor:
+    """Attention of every query over every key, no cache (vision towers): q, k, v [B, S, H*D], bias
+    additive [B|1, H|1, S, S] or None -> [B, S, H*D].  ONNX Runtime's MultiHeadAttention."""
+    b, s, _ = q.shape
+    qh, kh, vh = (x.reshape(b, x.shape[1], num_heads, -1).transpose(1, 2) for x in (q, k, v))
+    scores = (qh @ kh.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    out = torch.softmax(scores, -1).to(v.dtype) @ vh
+    return out.transpose(1, 2).reshape(b, s, -1)
+
+
+@mha.register_fake
+def _(q, k, v, bias, num_heads, scale):
+    return torch.empty_like(q)
 
 
 @gqa.register_fake

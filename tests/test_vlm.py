@@ -176,3 +176,18 @@ def test_export_from_a_hub_style_folder(name, exports, tmp_path):
     text = preset.chat_prompt("Describe the image.", 1)
     ours = PopSession.load(out).generate(text, NEW, images=[images], stop_at_eos=False).output_ids
     assert ours == preset.generate(text, NEW, images=[images], stop_at_eos=False).output_ids
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_fused_graphs_attend_through_ort_operators(name, exports):
+    """The fused form (the ONNX default) has no attention spelled out in any of its graphs: the vision
+    tower's layers are MultiHeadAttention, the text layers GroupQueryAttention (a softmax left anywhere
+    would be attention that fell back to primitives).  The export's verification checked their numbers."""
+    import onnx
+    directory = exports(name)
+    session = PopSession.load(directory)
+    for graph, spec in session.manifest.graphs.items():
+        assert spec.form == "fused", graph
+        ops = [n.op_type for n in onnx.load(str(directory / spec.file), load_external_data=False).graph.node]
+        attention = "MultiHeadAttention" if graph == "vision" else "GroupQueryAttention"
+        assert ops.count(attention) > 0 and "Softmax" not in ops, (graph, sorted(set(ops)))

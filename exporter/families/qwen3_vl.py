@@ -34,8 +34,9 @@ class Qwen3VLAdapter(Qwen3Adapter):
     def text_parts(hf_model):
         return hf_model.config.text_config, hf_model.model.language_model
 
-    def vision_graph(self):
-        return Qwen3VLVision(self.hf.model.visual)
+    def vision_graph(self, attention=None):
+        """attention: the fused form's encoder attention (exporter/ops.py), else written out here."""
+        return Qwen3VLVision(self.hf.model.visual, attention)
 
     @staticmethod
     def load_processor(path):
@@ -111,9 +112,9 @@ class Qwen3VLVision(nn.Module):
     input_names = ("pixel_values", "pos_index", "pos_weight", "rope_pos", "patch_image")
     output_names = ("image_embeds", "deepstack_embeds")
 
-    def __init__(self, visual):
+    def __init__(self, visual, attention=None):
         super().__init__()
-        self.visual = visual
+        self.visual, self.attention = visual, attention
 
     def sample(self, patches=28, images=2):
         """Trace inputs of the right shapes and ranges; verification then feeds the runtime's real tables
@@ -129,14 +130,20 @@ class Qwen3VLVision(nn.Module):
         patch_image = torch.arange(patches) * images // patches  # images in order, as the runtime lays them
         return pixels, pos_index, pos_weight, rope_pos, patch_image
 
-    def _attention(self, block, x, cos, sin, same_image):
+    def _attention(self, block, x, cos, sin, mask):
+        """mask: same_image (bool [P, P]), or in the fused form its additive bias [1, 1, P, P]."""
         attn = block.attn
         n = x.shape[0]
+        if self.attention is not None:  # token-major [P, heads, D], as the operator reads them
+            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).unbind(1)
+            cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            return attn.proj(self.attention(q[None], k[None], v[None], attn.scaling, mask).reshape(n, -1))
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # [heads, P, D]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
-        scores = scores.masked_fill(~same_image, torch.finfo(torch.float32).min)
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
         return attn.proj(out.transpose(0, 1).reshape(n, -1))
 
@@ -146,10 +153,13 @@ class Qwen3VLVision(nn.Module):
         h = h + (vis.pos_embed(pos_index) * pos_weight[:, :, None].to(h.dtype)).sum(1)
         cos, sin = vis.rotary_pos_emb(h, rope_pos)
         cos, sin = cos[None].to(h.dtype), sin[None].to(h.dtype)
-        same_image = patch_image[:, None] == patch_image[None, :]
+        mask = patch_image[:, None] == patch_image[None, :]  # the patches of one image see each other only
+        if self.attention is not None:
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                ~mask, torch.finfo(h.dtype).min)[None, None]
         deep = []
         for i, block in enumerate(vis.blocks):
-            h = h + self._attention(block, block.norm1(h), cos, sin, same_image)
+            h = h + self._attention(block, block.norm1(h), cos, sin, mask)
             h = h + block.mlp(block.norm2(h))
             if i in vis.deepstack_visual_indexes:
                 deep.append(vis.deepstack_merger_list[vis.deepstack_visual_indexes.index(i)](h))

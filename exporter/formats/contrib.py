@@ -19,7 +19,8 @@ DEFAULT = Opset("", 1)
 # output (output_qk) unless asked for it.  ONNX Runtime registers SimplifiedLayerNormalization in the
 # default domain.
 OPERATORS = {("com.microsoft", "GroupQueryAttention"): 3, ("com.microsoft", "SkipSimplifiedLayerNormalization"): 4,
-             ("com.microsoft", "RotaryEmbedding"): 1, ("", "SimplifiedLayerNormalization"): 1}
+             ("com.microsoft", "RotaryEmbedding"): 1, ("com.microsoft", "MultiHeadAttention"): 1,
+             ("", "SimplifiedLayerNormalization"): 1}
 
 
 @functools.cache
@@ -67,6 +68,11 @@ def _gqa(q, k, v, past_k, past_v, seqlens, total, cos, sin, bias, positions, num
     return out, present_k, present_v
 
 
+def _mha(q, k, v, bias, num_heads: int, scale: float):
+    # inputs 3 and 4 (packed QKV bias, key padding mask) unused; 5 is the additive attention bias
+    return Op(MS, "MultiHeadAttention")(q, k, v, None, None, bias, num_heads=num_heads, scale=scale)
+
+
 def _skip_rms_norm(x, skip, gamma, eps: float):
     out, _, _, h = Op(MS, "SkipSimplifiedLayerNormalization")(x, skip, gamma, epsilon=eps, _num_outputs=4)
     return out, h
@@ -84,4 +90,5 @@ def translations():
     register()
     from pop.exporter import ops  # noqa: F401  (defines torch.ops.pop.*)
     return {torch.ops.pop.gqa.default: _gqa, torch.ops.pop.skip_rms_norm.default: _skip_rms_norm,
-            torch.ops.pop.rms_norm.default: _rms_norm, torch.ops.pop.rotary.default: _rotary}
+            torch.ops.pop.rms_norm.default: _rms_norm, torch.ops.pop.rotary.default: _rotary,
+            torch.ops.pop.mha.default: _mha}

@@ -95,7 +95,7 @@ def describe(path: Path, plan: GraphPlan, form: str) -> Graph:
         t = v.type.tensor_type
         return TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
                           [d.dim_param or d.dim_value for d in t.shape.dim], plan.aliases.get(v.name))
-    return Graph(path.name, "onnx", form if plan.name != "vision" else "plain", OPSET,
+    return Graph(path.name, "onnx", form, OPSET,
                  inputs=[one(v) for v in model.graph.input], outputs=[one(v) for v in model.graph.output],
                  role=ROLES[plan.name])
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from ..ops import encoder_attention
 from ..pop import PopDecode, PopPrefill, extra_inputs
 
 SAMPLE_BATCH, SAMPLE_SEQ, SAMPLE_PAST = 2, 5, 7
@@ -89,7 +90,7 @@ def plans(adapter, prefill_layers, max_seq_len, dtype, heads=None, device="cpu",
         position_axes = [{1: batch, 2: seq}]
     out = []
     if adapter.image_inputs:
-        vision = adapter.vision_graph()
+        vision = adapter.vision_graph(encoder_attention if form == "fused" else None)
         sample = tuple(x.to(device) for x in vision.sample())
         first = Dim("patches", min=1, max=1 << 20) if len(sample) > 1 else Dim("images", min=1, max=1024)
         out.append(GraphPlan("vision", vision, sample, list(vision.input_names), list(vision.output_names),
