@@ -55,39 +55,40 @@ class KVBuffer:
     def nbytes(self):
         return self._storage.nbytes
 
-    def block(self, layer, kv, rows):
-        """[rows, kv_heads, max_seq_len, head_dim] of one layer's keys (kv=0) or values (kv=1): contiguous.
-        The same view object for as long as the storage lives, so that a backend can tell by identity
-        that a buffer it bound for the last call is bound already (backends/ort.py)."""
-        key = (layer, kv, rows)
+    def block(self, layer, kv, rows, first=0):
+        """[rows, kv_heads, max_seq_len, head_dim] of one layer's keys (kv=0) or values (kv=1), rows
+        first..first+rows-1: contiguous.  The same view object for as long as the storage lives, so that
+        a backend can tell by identity that a buffer it bound for the last call is bound already
+        (backends/ort.py)."""
+        key = (layer, kv, first, rows)
         view = self._blocks.get(key)
         if view is None:
-            view = self._blocks[key] = self.cache[layer, kv, :rows]
+            view = self._blocks[key] = self.cache[layer, kv, first:first + rows]
         return view
 
-    def shifted(self, layer, kv, rows, shift):
+    def shifted(self, layer, kv, rows, shift, first=0):
         """`block`, seen from slot `shift` on: element [r, h, j] is the block's [r, h, j + shift] for every
         j a graph reads (j + shift < max_seq_len; beyond, the view runs into the next head's slots, which a
         sliding layer's window never reaches).  Contiguous, [rows, kv_heads, max_seq_len, head_dim], and
         the same view object while the shift stays, as `block` is."""
         if shift == 0:
-            return self.block(layer, kv, rows)
-        key = (layer, kv, rows)
+            return self.block(layer, kv, rows, first)
+        key = (layer, kv, first, rows)
         held = self._shifted.get(key)
         if held is None or held[0] != shift:
             per_row = self.kv_heads * self.max_seq_len * self.head_dim
-            begin = (layer * 2 + kv) * self.rows * per_row + shift * self.head_dim
+            begin = ((layer * 2 + kv) * self.rows + first) * per_row + shift * self.head_dim
             view = self._storage[begin:begin + rows * per_row].reshape(rows, self.kv_heads, self.max_seq_len,
                                                                          self.head_dim)
             held = self._shifted[key] = (shift, view)
         return held[1]
 
-    def place(self, layer, kv, new, start):
-        """Writes new [b, kv_heads, T, head_dim] into rows 0..b-1 at slots start[r]..start[r]+T-1."""
+    def place(self, layer, kv, new, start, first=0):
+        """Writes new [b, kv_heads, T, head_dim] into rows first..first+b-1 at slots start[r]..start[r]+T-1."""
         if self._place is not None:
-            return self._place(self.block(layer, kv, new.shape[0]), new, start)
+            return self._place(self.block(layer, kv, new.shape[0], first), new, start)
         t = new.shape[2]
-        block = self.cache[layer, kv]
+        block = self.cache[layer, kv, first:first + new.shape[0]]
         for r, s in enumerate(start):
             block[r, :, s:s + t] = new[r]
 

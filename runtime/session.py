@@ -102,16 +102,17 @@ class GraphIO:
         quarter = max(1, self.window // 4)
         return max(0, int(seqlens.min()) - self.window + 1) // quarter * quarter
 
-    def bind(self, kv, staging, ids, seqlens, total, extra, logits, shift=0):
-        """(inputs, outputs, [((layer, k|v), staged array)]) for a call over ids [B, T]; shift: the slots
-        the sliding layers' past skips (extra then holds their window_* lengths)."""
+    def bind(self, kv, staging, ids, seqlens, total, extra, logits, shift=0, first=0):
+        """(inputs, outputs, [((layer, k|v), staged array)]) for a call over ids [B, T] whose rows are KV
+        rows first..first+B-1; shift: the slots the sliding layers' past skips (extra then holds their
+        window_* lengths)."""
         b, t = ids.shape
         inputs = {"input_ids": ids, "seqlens_k": seqlens, "total_sequence_length": total, **extra}
         if self.slots:
             inputs["cache_slots"] = kv.slots[:int(total)]
 
         def past(l, kind):
-            return kv.shifted(l, kind, b, shift) if l in self.sliding else kv.block(l, kind, b)
+            return kv.shifted(l, kind, b, shift, first) if l in self.sliding else kv.block(l, kind, b, first)
         for name, (l, kind) in self.past:
             inputs[name] = past(l, kind)
         outputs = {"logits": logits} if self.logits else {}
@@ -172,13 +173,19 @@ class PopSession:
 
     def chat_prompt(self, text: str, num_images: int = 0) -> str:
         """text as one user turn in the model's chat template, image placeholders first."""
-        from .chat import render, user_message
+        from .chat import user_message
+        return self.render_chat(user_message(text, num_images))
+
+    def render_chat(self, messages: list) -> str:
+        """A conversation ([{role, content}], content a string or HF's parts: {"type": "text", "text"} and
+        {"type": "image"}) in the model's chat template, ending where the assistant's turn begins."""
+        from .chat import render
         tok = self.manifest.tokenizer
         if not tok.chat_template:
             raise PopError("these artifacts have no chat template; pass the prompt as plain text")
         template = (self.directory / tok.chat_template).read_text()
         specials = {"bos_token": self.tokenizer.id_to_token(tok.bos_id) if tok.bos_id is not None else ""}
-        return ChatText(render(template, user_message(text, num_images), True, **specials))
+        return ChatText(render(template, messages, True, **specials))
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
@@ -211,9 +218,11 @@ class PopSession:
         view[:] = pos
         return view
 
-    def _run(self, graph, request, ids, seqlens, total, positions=None):
-        """One graph call over ids [B, T]: per row, seqlens = the slot of its last real token after the
-        call, total = the longest row's length after it.  Places what the graph returns for placing."""
+    def _run(self, graph, images, ids, seqlens, total, positions=None, first=0):
+        """One graph call over ids [B, T] in KV rows first..first+B-1: per row, seqlens = the slot of its
+        last real token after the call, total = the longest row's length after it; images: the vision
+        features of the window's image tokens (VLMs; None: none).  Places what the graph returns for
+        placing."""
         b, t = ids.shape
         self._seqlens[:b] = seqlens
         self._total[...] = total
@@ -221,7 +230,8 @@ class PopSession:
         if positions is not None:
             extra["position_ids"] = self._positions(positions)
         if self.mm is not None:
-            extra.update(self.mm.feeds(ids, request.images, self._groups[:b]))
+            extra.update(self.mm.feeds(ids, self.mm.empty() if images is None else images,
+                                       self._groups[first:first + b]))
         io, shift = self.io[graph], 0
         if io.windowed:
             shift = io.window_shift(self._seqlens[:b], t) if self.window_shift else 0
@@ -231,12 +241,12 @@ class PopSession:
                 self._window_seqlens[:b], self._window_total
         logits = self._logits[:b]
         inputs, outputs, placed = io.bind(self.kv, self.staging, self._tokens(ids), self._seqlens[:b], self._total,
-                                          extra, logits, shift)
+                                          extra, logits, shift, first)
         gpu_ms = self.backend.run(graph, inputs, outputs)
         if placed:  # a first prompt fills every row from slot 0; later calls continue each row
             start = np.zeros(b, np.int64) if total == t else self._seqlens[:b].astype(np.int64) + 1 - t
             for (layer, kv), new in placed:
-                self.kv.place(layer, kv, new, start)
+                self.kv.place(layer, kv, new, start, first)
         return logits, gpu_ms
 
     # --- requests -----------------------------------------------------------
@@ -286,6 +296,62 @@ class PopSession:
         request.groups = self.mm.groups(request.ids, request.mask)
         request.timings_ms["vision_ms"] = vision_ms
 
+    def prompt(self, request: Request, mode="pop", first=0, stats=None, observe=None):
+        """The prompt phase of a request's rows in KV rows first..first+B-1: returns the logits [B, vocab]
+        of each row's first new token.  POP: tokens 0..len-2 of each row through the prefill graph, the
+        last one through the decode graph (the boundary); full: the whole prompt through the decode graph.
+        stats and observe as in run()."""
+        if mode not in MODES:
+            raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        observe = observe or (lambda phase, logits: None)
+        stats = {} if stats is None else stats
+        ids, pos = request.ids, request.positions
+        b, n = ids.shape
+        lengths = np.array([len(r) for r in request.rows], np.int64)
+        rows = np.arange(b)
+        self._ensure(first + b)
+        mrope = self.position_axes > 1
+        gpu = stats["gpu_ms"] = {}  # GPU backends: each graph's time on the device, from CUDA events
+        if self.mm is not None:
+            self._groups[first:first + b] = 0
+            if request.groups is not None:
+                self._groups[first:first + b, :n] = request.groups
+        t1 = time.perf_counter()
+        last = ids[rows, lengths - 1][:, None]  # each row's last prompt token: the boundary
+        last_pos = pos[..., rows, lengths - 1][..., None] if mrope else None
+        if mode == "pop" and n > 1:
+            # Prompt tokens 0..len-2 of each row; a one-token row has none, and its slot 0 is written
+            # again by the boundary step.
+            gpu["prefill"] = self._run("prefill", request.images, ids[:, :n - 1], np.maximum(lengths - 2, 0), n - 1,
+                                       pos[..., :n - 1] if mrope else None, first)[1]
+            observe("prefill", None)
+            t2 = time.perf_counter()
+            stats["prefill_ms"] = (t2 - t1) * 1e3
+            logits, gpu["boundary"] = self._run("decode", request.images, last, lengths - 1, n, last_pos, first)
+            stats["boundary_ms"] = (time.perf_counter() - t2) * 1e3
+            observe("boundary", logits)
+        else:
+            logits, gpu["prefill"] = self._run("decode", request.images, ids, lengths - 1, n,
+                                               pos if mrope else None, first)
+            stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3, 0.0
+            gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
+            observe("full", logits)
+        return logits
+
+    def next_positions(self, request: Request):
+        """[axes, B, 1] M-RoPE position of each row's first generated token (each step adds 1), else None."""
+        if self.position_axes == 1:
+            return None
+        return (request.positions.max(axis=(0, 2)) + 1)[None, :, None].repeat(self.position_axes, 0)
+
+    def step(self, tokens, seqlens, positions=None):
+        """One decode step over KV rows 0..B-1: tokens [B, 1] at slots seqlens [B] (each row's own length
+        before the step), positions [axes, B, 1] for M-RoPE.  Returns the logits [B, vocab] (a view of the
+        session's buffer, overwritten by the next call) and the GPU time.  Rows need not be related: a row
+        whose request is done may take any token at any slot of its own, which nothing reads."""
+        seqlens = np.asarray(seqlens, np.int64)
+        return self._run("decode", None, tokens, seqlens, int(seqlens.max()) + 1, positions)
+
     def run(self, request: Request, max_new_tokens=64, mode="pop", sampler=None, stats=None, observe=None):
         """Yields the next token of every row, [batch], once per step: the one sequence of graph calls.
 
@@ -294,62 +360,32 @@ class PopSession:
         buffer as the graphs left it (the exporter's verification compares it with the reference),
         and after each decode step ("decode").
         """
-        if mode not in MODES:
-            raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         sampler = sampler or Sampler()
         observe = observe or (lambda phase, logits: None)
         t0 = time.perf_counter()
-        ids, pos = request.ids, request.positions
-        b, n = ids.shape
-        lengths = np.array([len(r) for r in request.rows], np.int64)
-        rows = np.arange(b)
-        self._ensure(b)
-        mrope = self.position_axes > 1
         stats = {} if stats is None else stats
-        gpu = stats["gpu_ms"] = {}  # GPU backends: each graph's time on the device, from CUDA events
         stats["prepare_ms"] = request.timings_ms.get("prepare_ms", 0.0)
         stats["vision_ms"] = request.timings_ms.get("vision_ms", 0.0)
-        if self.mm is not None:
-            self._groups[:b] = 0
-            if request.groups is not None:
-                self._groups[:b, :n] = request.groups
-        t1 = time.perf_counter()
-        last = ids[rows, lengths - 1][:, None]  # each row's last prompt token: the boundary
-        last_pos = pos[..., rows, lengths - 1][..., None] if mrope else None
-        if mode == "pop" and n > 1:
-            # Prompt tokens 0..len-2 of each row; a one-token row has none, and its slot 0 is written
-            # again by the boundary step.
-            gpu["prefill"] = self._run("prefill", request, ids[:, :n - 1], np.maximum(lengths - 2, 0), n - 1,
-                                       pos[..., :n - 1] if mrope else None)[1]
-            observe("prefill", None)
-            t2 = time.perf_counter()
-            stats["prefill_ms"] = (t2 - t1) * 1e3
-            logits, gpu["boundary"] = self._run("decode", request, last, lengths - 1, n, last_pos)
-            stats["boundary_ms"] = (time.perf_counter() - t2) * 1e3
-            observe("boundary", logits)
-        else:
-            logits, gpu["prefill"] = self._run("decode", request, ids, lengths - 1, n, pos if mrope else None)
-            stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3, 0.0
-            gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
-            observe("full", logits)
-        token = sampler(logits)
+        token = sampler(self.prompt(request, mode, 0, stats, observe))
+        gpu = stats["gpu_ms"]
         # TTFT starts with the raw prompt: tokenizing and image preprocessing count
         stats["ttft_ms"] = (time.perf_counter() - t0) * 1e3 + stats["prepare_ms"] + stats["vision_ms"]
         stats["decode_ms"] = []
         gpu["decode"] = []
         stats["prompt_ids"] = request.rows
         yield token
-        seqlens = lengths - 1
-        next_pos = (pos.max(axis=(0, 2)) + 1)[None, :, None].repeat(self.position_axes, 0) if mrope else None
+        b, n = request.ids.shape
+        seqlens = np.array([len(r) for r in request.rows], np.int64) - 1
+        next_pos = self.next_positions(request)
         step_ids = np.zeros((b, 1), np.int64)
         for _ in range(min(max_new_tokens - 1, self.max_seq_len - n)):
             t = time.perf_counter()
             step_ids[:, 0] = token
             seqlens = seqlens + 1
-            logits, step_gpu = self._run("decode", request, step_ids, seqlens, int(seqlens.max()) + 1, next_pos)
+            logits, step_gpu = self.step(step_ids, seqlens, next_pos)
             observe("decode", logits)
             token = sampler(logits)
-            if mrope:
+            if next_pos is not None:
                 next_pos = next_pos + 1
             stats["decode_ms"].append((time.perf_counter() - t) * 1e3)
             if step_gpu is not None:
