@@ -76,3 +76,7 @@ def pop_eval():
 
 def pop_bench():
     return _command("pop-bench", "pop.cli.bench")
+
+
+def pop_serve():
+    return _command("pop-serve", "pop.cli.serve")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"exporter": "pop.exporter", "runtime": "pop.runtime", "quality": "pop.quality", "bench": "pop.bench",
-            "cli": "pop.cli"}  # the mapping pyproject.toml declares
+            "serve": "pop.serve", "cli": "pop.cli"}  # the mapping pyproject.toml declares
 
 # Lowest first.  A module may import its own layer and the layers below it, never one above.
 LAYERS = [
@@ -18,7 +18,7 @@ LAYERS = [
     ("POP graphs", ("pop.exporter.pop", "pop.exporter.ops")),
     ("runtime", ("pop.runtime",)),
     ("exporter", ("pop.exporter",)),
-    ("tools", ("pop.quality", "pop.bench")),
+    ("tools", ("pop.quality", "pop.bench", "pop.serve")),
     ("commands", ("pop.cli",)),
 ]
 

@@ -1,0 +1,52 @@
+"""pop-serve: an OpenAI-compatible HTTP server over exported artifacts, batching requests continuously."""
+import argparse
+import signal
+import sys
+
+from pop.runtime.backends import BACKENDS
+from pop.runtime.errors import PopError
+from pop.runtime.session import MODES, PopSession
+
+from .options import add_runtime
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="pop-serve", description="Serve pop artifacts over OpenAI's HTTP API "
+                                "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
+    p.add_argument("artifacts", help="a folder written by pop-export")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="requests decoding at once: the KV buffer's rows, allocated at start-up (default 4)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a row; beyond it requests get 429 (default 64)")
+    p.add_argument("--mode", default="pop", choices=MODES, help="prompt phase: pop (shallow prefill) or full")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the artifacts' model)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds that running requests get to finish after SIGTERM before they are cancelled")
+    add_runtime(p, BACKENDS)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.max_batch < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
+        raise PopError("need --max-batch >= 1, --max-queue >= 0 and a port in 1..65535")
+    try:
+        import uvicorn
+    except ImportError:
+        raise PopError("pop-serve needs its server stack: pip install -e '.[serve]'") from None
+    from pop.runtime.engine import Engine
+    from pop.serve import create_app
+    session = PopSession.load(args.artifacts, backend=args.backend, threads=args.threads,
+                              prepack=args.prepack_weights, tf32=args.tf32)
+    engine = Engine(session, args.max_batch, args.max_queue, args.mode)
+    app = create_app(engine, args.model_name, args.grace)
+    print(f"pop-serve: {session.manifest.model.name} ({args.mode} mode, {args.max_batch} rows) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    # uvicorn stops accepting on SIGTERM, waits up to the grace for open requests, runs the app's shutdown
+    # (engine.drain), then hands the signal to the handler that was there before it: this one, so that a
+    # drained server exits 0 rather than dying of the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace)
+    return 0
