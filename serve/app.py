@@ -48,6 +48,10 @@ def create_app(engine, model_name=None, grace_s=30.0):
         return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
                      "invalid_request_error")
 
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, exc):
+        return error(400, str(exc), param=exc.param)
+
     @app.get("/health")
     async def health():
         if state["draining"]:
@@ -64,31 +68,27 @@ def create_app(engine, model_name=None, grace_s=30.0):
                                             "owned_by": "pop"}]}
 
     async def parse(request, schema):
-        """The request's body as `schema`, whatever its content type says; an error response if it is not."""
+        """The request's body as `schema`, whatever its content type says; BadRequest (a 400) if it is not."""
         try:
             return schema.model_validate(json.loads(await request.body()))
         except json.JSONDecodeError as e:
-            return error(400, f"malformed JSON: {e}")
+            raise BadRequest(f"malformed JSON: {e}") from None
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            return error(400, f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg"),
-                         param=where or None)
+            raise BadRequest(f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg"),
+                             where or None) from None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         received = time.perf_counter()
         body = await parse(request, openai.CompletionRequest)
-        if isinstance(body, Response):
-            return body
         return await answer(body, body.prompt, None, body.max_tokens or 16, False, received)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         received = time.perf_counter()
         body = await parse(request, openai.ChatRequest)
-        if isinstance(body, Response):
-            return body
         try:
             messages, images = openai.template_messages(body.messages)
             prompt = session.render_chat(messages)
@@ -171,6 +171,14 @@ def create_app(engine, model_name=None, grace_s=30.0):
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+class BadRequest(Exception):
+    """A request body that is not JSON or not the route's schema: answered as OpenAI's 400 error."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
 
 
 def sse(obj):
