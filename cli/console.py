@@ -80,3 +80,7 @@ def pop_bench():
 
 def pop_serve():
     return _command("pop-serve", "pop.cli.serve")
+
+
+def pop_load():
+    return _command("pop-load", "pop.cli.load")

@@ -17,47 +17,15 @@ import pytest
 from PIL import Image
 
 from conftest import BIN, cli, generate_json
+from pop.bench.servers import ServerProcess
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """pop-serve on a free port of 127.0.0.1, one thread."""
 
-
-class Server:
     def __init__(self, directory, *flags):
-        self.port = _free_port()
-        self.proc = subprocess.Popen([str(BIN / "pop-serve"), str(directory), "--port", str(self.port),
-                                      "--threads", "1", *map(str, flags)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"pop-serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError("pop-serve did not come up in 120 s")
-
-    def connection(self):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-
-    def get(self, path):
-        c = self.connection()
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, r.read().decode()
-
-    def post(self, path, body):
-        """(status, JSON body, headers); body: a dict, or raw text sent as is."""
-        c = self.connection()
-        c.request("POST", path, body if isinstance(body, str) else json.dumps(body),
-                  {"Content-Type": "application/json"})
-        r = c.getresponse()
-        return r.status, json.loads(r.read()), dict(r.getheaders())
+        super().__init__("pop-serve", [BIN / "pop-serve", directory, "--port", "{port}", "--threads", "1", *flags],
+                         start_timeout=120)
 
     def stream(self, path, body):
         """(response, connection) of a streamed request; events() reads it."""
@@ -71,14 +39,6 @@ class Server:
         text = self.get("/metrics")[1]
         return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def events(response):
