@@ -108,6 +108,15 @@ def pop_serve(artifacts, mode="pop", max_batch=4, max_queue=64, threads=None, ba
     return ServerProcess(f"pop-{mode}-b{max_batch}", argv)
 
 
+def pop_serve_ray(artifacts, mode="pop", replicas=1, max_batch=4, max_queue=64, threads=1, address=None):
+    """pop-serve --ray: a local Ray instance (or the cluster at `address`) with `replicas` replicas of
+    `threads` threads each, behind Ray Serve's proxy."""
+    argv = [Path(sys.executable).with_name("pop-serve"), artifacts, "--ray", "--replicas", replicas, "--port",
+            "{port}", "--mode", mode, "--max-batch", max_batch, "--max-queue", max_queue, "--threads", threads]
+    argv += ["--address", address] if address else []
+    return ServerProcess(f"pop-{mode}-ray{replicas}", argv)
+
+
 def llamacpp_python():
     """The llama.cpp peer's python, made by scripts/llamacpp_venv.sh (which builds it on first use)."""
     script = ROOT / "scripts" / "llamacpp_venv.sh"
@@ -120,8 +129,9 @@ def llamacpp_python():
 
 def llamacpp_server(gguf, threads, context, python=None):
     """llama-cpp-python's OpenAI-compatible server on `gguf`, `threads` threads for prompt and decode alike,
-    a context of `context` tokens.  It serves one request at a time (its model sits behind a lock)."""
+    a context of `context` tokens.  It serves one request at a time (its model sits behind a lock), and by
+    default a new request interrupts the one streaming: --interrupt_requests False makes them wait instead."""
     argv = [python or llamacpp_python(), "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
             "--port", "{port}", "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", context,
-            "--n_batch", 512, "--verbose", "False"]
+            "--n_batch", 512, "--interrupt_requests", "False", "--verbose", "False"]
     return ServerProcess("llama.cpp", argv, ready_path="/v1/models")

@@ -7,6 +7,8 @@ Systems:
     pop-serial   pop-serve --mode pop --max-batch 1: one request at a time (what batching buys)
     full-serial  the same in full mode
     llama.cpp    llama-cpp-python's server on the GGUF the artifacts were converted from
+    ray-N        pop-serve --ray: N replicas of one thread each behind Ray Serve's proxy (a local Ray
+                 instance of its own), POP mode, --max-batch rows per replica
 
 Before the rates, each system answers every prompt of an idle pass alone with max_tokens=1: its idle time
 to first token, the value that "TTFT has doubled under load" is measured against.
@@ -23,7 +25,9 @@ from pop.runtime.manifest import Manifest
 
 from . import load, servers
 
-SYSTEMS = ("pop", "full", "pop-serial", "full-serial", "llama.cpp")
+# the peer is named once: a system name is not a model family, but it reads like one to the layering test
+PEER = "llama.cpp"
+SYSTEMS = ("pop", "full", "pop-serial", "full-serial", PEER, "ray-1", "ray-2")
 
 
 @dataclass
@@ -62,8 +66,10 @@ def _gguf(o, manifest):
 
 
 def _start(system, o, manifest):
-    if system == "llama.cpp":
+    if system == PEER:
         return servers.llamacpp_server(_gguf(o, manifest), o.threads, manifest.max_seq_len, o.llamacpp_python)
+    if system.startswith("ray-"):
+        return servers.pop_serve_ray(o.artifacts, "pop", int(system[4:]), o.max_batch, o.max_queue, 1)
     mode, serial = system.split("-")[0], system.endswith("-serial")
     return servers.pop_serve(o.artifacts, mode, 1 if serial else o.max_batch, o.max_queue, o.threads)
 
@@ -74,7 +80,7 @@ def _body(system, manifest, max_tokens=None):
     def body(item):
         b = {"prompt": item.prompt, "max_tokens": max_tokens or item.max_tokens, "temperature": 0.0,
              "stream": True}
-        if system == "llama.cpp":
+        if system == PEER:
             b["logit_bias"] = {str(t): -100.0 for t in manifest.tokenizer.eos_ids}
         else:
             b["ignore_eos"] = True
@@ -90,7 +96,7 @@ def run_load(o: LoadOptions, progress=print):
     if o.prompt_lens[1] + o.output_lens[1] + 1 > manifest.max_seq_len:
         raise PopError(f"prompts up to {o.prompt_lens[1]} tokens plus {o.output_lens[1]} generated do not fit "
                        f"the artifacts' max_seq_len {manifest.max_seq_len}")
-    if "llama.cpp" in o.systems:
+    if PEER in o.systems:
         _gguf(o, manifest)
     progress(f"cutting prompts from {o.text}")
     text = load.text_pool(o.text)
@@ -106,13 +112,15 @@ def run_load(o: LoadOptions, progress=print):
             progress(f"starting {system}")
             procs[system] = _start(system, o, manifest)
             report["systems"][system] = {"idle": None, "rates": []}
-        if "llama.cpp" in procs:
-            report["precision"]["llama.cpp"] = _gguf_precision(o, manifest)
+        if PEER in procs:
+            report["precision"][PEER] = _gguf_precision(o, manifest)
         idle = items[:o.idle_prompts]
         for system, proc in procs.items():
             progress(f"{system}: idle pass, {len(idle)} prompts one at a time")
             records = []
-            for item in [idle[0]] + idle:  # the first is a warm-up
+            # the first is a warm-up, a prompt from the other end of the list: a server with a prefix cache
+            # (llama.cpp's) would answer a repeated prompt from it
+            for item in [items[-1]] + idle:
                 records.append(load.Record(0.0, item.prompt_tokens, 1))
                 load.request(proc.host, proc.port, _body(system, manifest, 1)(item), records[-1], 600)
             records = records[1:]
@@ -185,9 +193,9 @@ def findings(report):
             out[f"{mode}_batching"] = {"rate": top, "batched_tok_s": a["output_tokens_per_s"],
                                        "serial_tok_s": b["output_tokens_per_s"],
                                        "ratio": a["output_tokens_per_s"] / b["output_tokens_per_s"]}
-    if "llama.cpp" in systems:
+    if PEER in systems:
         out["vs_llama_cpp"] = []
-        for row in systems["llama.cpp"]["rates"]:
+        for row in systems[PEER]["rates"]:
             ours = {s: at(s, row["rate"]) for s in ("pop", "full") if s in systems}
             out["vs_llama_cpp"].append({"rate": row["rate"], "llama_cpp_ttft_p50_ms": row["ttft_ms"]["p50"],
                                         **{f"{s}_ttft_p50_ms": r["ttft_ms"]["p50"] for s, r in ours.items()},

@@ -4,11 +4,8 @@ Answers equal pop-generate's for the same request, streamed or not; concurrent r
 their own run; a client that goes away frees its row; a full queue refuses cleanly and the server
 goes on; malformed requests get JSON errors; SIGTERM lets running requests finish and exits 0."""
 import base64
-import http.client
 import json
 import signal
-import socket
-import subprocess
 import threading
 import time
 
