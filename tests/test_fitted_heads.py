@@ -4,6 +4,7 @@ import json
 import math
 import signal
 import subprocess
+from functools import partial
 
 import numpy as np
 import pytest
@@ -110,7 +111,15 @@ def test_near_identity_deep_layers_fitted_heads_recover_the_true_kv(family):
     assert fitted < 0.01 and fitted < 0.8 * original, (fitted, original)
 
 
-def test_bad_options_fail_before_loading(tmp_path):
+def test_bad_options_fail_before_loading(tmp_path, capsys):
+    """The first case through the installed console script; the rest through the same entry in-process
+    (each process would spend seconds importing torch to print one line)."""
+    from pop.cli.console import run_command
+    from pop.cli.export import main as export_main
+
+    def in_process(*args):
+        code = run_command("pop-export", lambda: export_main([str(a) for a in args]))
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n")
     good = tmp_path / "good.txt"
@@ -123,8 +132,8 @@ def test_bad_options_fail_before_loading(tmp_path):
              (("--kv-heads", "fitted", "--calib", good, "--ridge", "lots"), "--ridge must be"),
              (("--kv-heads", "fitted", "--calib", good, "--calib-tokens", "10"), "--calib-tokens must be"),
              (("--kv-heads", "fitted", "--calib", good, "--prefill-layers", "6"), "needs pruned layers")]
-    for args, needle in cases:
-        run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", *args)
+    for i, (args, needle) in enumerate(cases):
+        run = (in_process if i else partial(cli, "pop-export"))("--model", "tiny-llama", "--out", tmp_path / "o", *args)
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 2 and needle in lines[-1] and "Traceback" not in run.stderr, (args, run.stderr)
         assert not (tmp_path / "o").exists()

@@ -95,15 +95,18 @@ def solo(artifacts, n):
                           "--json").stdout)["text"]
 
 
-def ask(server, n, stream, timeout=60):
-    """One completion through the proxy: ("ok", text, replica) | ("retry", message, None) | ("other", ...)."""
+def ask(server, n, stream, timeout=60, started=None):
+    """One completion through the proxy: ("ok", text, replica) | ("retry", message, None) | ("other", ...).
+    started(replica) is called when a stream's headers arrive: the request is then running on it."""
     c = server.connection(timeout)
     body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": stream}
     try:
         c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = c.getresponse()
+        if started and stream and r.status == 200:
+            started(r.getheader("x-pop-replica"))
         raw = r.read().decode()
-        if not stream:
+        if not stream or r.status != 200:  # a stream refused before it started is a JSON error too
             out = json.loads(raw)
             if r.status == 200:
                 return "ok", out["choices"][0]["text"], r.getheader("x-pop-replica")
@@ -142,12 +145,14 @@ def test_bad_input_through_ray_gets_pop_serves_errors(ray_serve):
 
 
 def _under_fault(server, artifacts, fault, n=200):
-    """Sends 12 requests (half streamed) at once, runs fault() after 0.5 s; every request must end within
-    its timeout, correct or with a retryable error.  Returns the outcome counts."""
+    """Sends 12 requests (half streamed) at once and runs fault() once streams run on both replicas (so the
+    fault meets requests in flight however slow the machine); every request must end within its timeout,
+    correct or with a retryable error.  Returns the outcome counts."""
     want = solo(artifacts, n)
+    running = set()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(ask, server, n, i % 2 == 0, 90) for i in range(12)]
-        time.sleep(0.5)
+        futures = [pool.submit(ask, server, n, i % 2 == 0, 90, running.add) for i in range(12)]
+        wait_for(lambda: len(running) == 2, 60, "streams running on both replicas")
         fault()
         outcomes = [f.result(timeout=120) for f in futures]  # a hung request fails the test here
     counts = {"accepted": len(outcomes), "completed": 0, "retry": 0}
