@@ -7,6 +7,7 @@ import sys
 from pop.exporter.export import export
 from pop.exporter.formats import FORMATS
 from pop.exporter.options import DTYPES, ExportOptions
+from pop.exporter.quantize import WEIGHTS
 from pop.exporter.sources import preset_names
 
 from .console import progress_printer
@@ -35,6 +36,11 @@ def parser():
     k.add_argument("--prune-ratio", type=float, metavar="R",
                    help="fraction of layers, from the top, that prefill skips (default 1/3, rounded down)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--weights", default="fp32", choices=WEIGHTS,
+                   help="int8/int4: weight-only block quantization of the text graphs' matrices (ONNX Runtime's "
+                        "MatMulNBits; a tied embedding is gathered from the same 4- or 8-bit table). Default fp32")
+    p.add_argument("--weights-block", type=int, default=32, metavar="B",
+                   help="values per quantization scale (default 32)")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens the KV buffer holds "
                                                                 "(default min(4096, the model's limit))")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")
@@ -56,7 +62,7 @@ def options(argv) -> ExportOptions:
         model=args.model, out=args.out, format=args.format or args.legacy_format or "onnx", graph_form=args.graph_form,
         prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
         max_seq_len=args.max_seq_len, max_batch=args.max_batch, tf32=args.tf32, threads=args.threads,
-        skip_verify=args.skip_verify,
+        skip_verify=args.skip_verify, weights=args.weights, weights_block=args.weights_block,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
         command=shlex.join(["pop-export", *argv]))
 

@@ -25,7 +25,7 @@ from pop.runtime.errors import PopError
 from pop.runtime.manifest import (FILE, Encoder, Generation, KVCache, KVLayer, Manifest, Memory, Merge, ModelInfo,
                                   PopInfo, Positions, Provenance, Tokenizer, Verification, Vision)
 
-from . import fitted_heads, sources
+from . import fitted_heads, quantize, sources
 from .families import adapter_for
 from .formats import format_for
 from .formats.plan import io_names
@@ -46,6 +46,7 @@ class Job:
     max_seq_len: int = None
     heads: object = None  # fitted KV heads, or None
     calibration: tuple = None  # (text, sha256) of fitted heads' calibration file
+    scheme: object = None  # quantize.Scheme for --weights int8/int4, else None
 
     @property
     def hf(self):
@@ -65,6 +66,7 @@ def export(options: ExportOptions, progress=print):
     job.directory = Path(tempfile.mkdtemp(dir=job.out.parent, prefix=f".partial-{job.out.name}-"))
     try:
         fit_heads(job)
+        quantize_weights(job)
         graphs, weights, trace_s = fmt.write(job)
         manifest = describe(job, graphs, weights)
         manifest.save(job.directory)  # provisional, so the runtime can read the folder while we verify
@@ -121,6 +123,18 @@ def fit_heads(job):
     job.heads = fitted_heads.calibrate(job.adapter, job.loaded.tokenizer, job.calibration[0], [job.prefill_layers],
                                        o.calib_tokens or fitted_heads.DEFAULT_TOKENS, o.ridge,
                                        sources.bos_for(job.loaded.tokenizer), o.calib)[job.prefill_layers]
+
+
+def quantize_weights(job):
+    """--weights int8/int4: the text matrices onto the quantization grid, in place, before tracing, so that
+    the graphs (which store them quantized) and the reference verification runs hold the same weights."""
+    o = job.options
+    job.scheme = quantize.scheme_for(o.weights, o.weights_block)
+    if job.scheme is None:
+        return
+    count, values = quantize.fake_quantize(quantize.text_modules(job.adapter, job.heads), job.scheme)
+    job.progress(f"{o.weights} weights: {count} matrices ({values / 1e6:.1f} M values) rounded to {job.scheme.bits} "
+                 f"bits in blocks of {job.scheme.block}")
 
 
 def describe(job, graphs, weights) -> Manifest:

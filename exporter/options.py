@@ -28,6 +28,8 @@ class ExportOptions:
     calib: Path | str | None = None
     calib_tokens: int | None = None
     ridge: str | float = "auto"
+    weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
+    weights_block: int = 32
     command: str | None = None  # as typed, for the manifest's provenance
 
     def check(self):
@@ -35,6 +37,7 @@ class ExportOptions:
         Returns the calibration text and its sha256 for fitted heads, else None."""
         from . import fitted_heads
         from .formats import format_for
+        from .quantize import scheme_for
         calib = fitted_heads.check_options(self.kv_heads, self.calib, self.calib_tokens, self.ridge)
         fmt = format_for(self.format)
         if self.graph_form is not None and self.graph_form not in fmt.forms:
@@ -43,6 +46,14 @@ class ExportOptions:
                                                    if self.format == "trt" else ""))
         if self.dtype not in DTYPES:
             raise PopError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if scheme_for(self.weights, self.weights_block) is not None:
+            if self.format != "onnx" or (self.graph_form or fmt.default_form) != "fused":
+                raise PopError(f"--weights {self.weights} needs ONNX Runtime's MatMulNBits: --format onnx with the "
+                               f"fused graph form, not --format {self.format}"
+                               + (f" --graph-form {self.graph_form}" if self.graph_form else ""))
+            if self.dtype != "fp32":
+                raise PopError(f"--weights {self.weights} quantizes the weights of an fp32 export; "
+                               f"--dtype {self.dtype} with it is not supported")
         if self.prefill_layers is not None and self.prune_ratio is not None:
             raise PopError("give --prefill-layers or --prune-ratio, not both")
         # ONNX Runtime's CPU provider has no bf16 kernels, so such graphs can only be

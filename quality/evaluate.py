@@ -144,10 +144,13 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
             k = session.manifest.pop.prefill_layers
             fitted_tag = ", fitted heads" if session.manifest.kv_heads and session.manifest.kv_heads.kind == "fitted" \
                 else ""
-            results += [{"method": "exported graphs, pop runtime, full mode", "prefill_layers": n_layers,
+            q = session.manifest.weights.quantization
+            weights_tag = f", {q.scheme} weights" if q else ""
+            results += [{"method": f"exported graphs, pop runtime, full mode{weights_tag}", "prefill_layers": n_layers,
                          "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, n_layers),
                          **fidelity.summarize(runtime_rows["full"])},
-                        {"method": f"exported graphs, pop runtime, POP K={k}{fitted_tag}", "prefill_layers": k,
+                        {"method": f"exported graphs, pop runtime, POP K={k}{fitted_tag}{weights_tag}",
+                         "prefill_layers": k,
                          "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, k),
                          **fidelity.summarize(runtime_rows["pop"])}]
         report["data"].append({"path": str(path), "sha256": sha, "windows": len(windows), "results": results})

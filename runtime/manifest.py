@@ -134,6 +134,18 @@ class WeightTensor:
 
 
 @dataclass
+class Quantization:
+    """Weight-only block quantization of the text graphs' matrices (exporter/quantize.py)."""
+    scheme: str  # "int8" or "int4"
+    bits: int
+    block_size: int  # values per scale, along the input dimension
+    symmetric: bool  # no zero-point tensors: the zero point is 2^(bits-1)
+    accuracy_level: int  # MatMulNBits' compute precision (1: fp32, 4: int8 activations)
+    operators: dict  # graph -> {"MatMulNBits": n, "GatherBlockQuantized": n}
+    embedding: str  # "quantized, shared with the output matrix" or "float32"
+
+
+@dataclass
 class Weights:
     file: str
     bytes: int
@@ -141,6 +153,7 @@ class Weights:
     referenced_bytes: int
     stored_bytes: int
     tensors: list[WeightTensor] | None = None  # AOTI: where each tensor lies, by state-dict name
+    quantization: Quantization | None = None  # absent: weights in the manifest's dtype
 
 
 @dataclass

@@ -58,16 +58,19 @@ def packed_copy_bytes(manifest):
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """exports(model, keep, form) -> artifact folder, exported once per session (keep=None: the default K;
-    form=None: ONNX's default, the fused form; "plain": what --format trt writes, without engines)."""
+    """exports(model, keep, form, weights) -> artifact folder, exported once per session (keep=None: the
+    default K; form=None: ONNX's default, the fused form; "plain": what --format trt writes, without
+    engines; weights: "fp32", "int8" or "int4")."""
     made = {}
 
-    def get(model, keep=None, form=None):
-        if (model, keep, form) not in made:
-            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}-{form}"
-            export(ExportOptions(model, out, prefill_layers=keep, graph_form=form), progress=lambda m: None)
-            made[model, keep, form] = out
-        return made[model, keep, form]
+    def get(model, keep=None, form=None, weights="fp32"):
+        key = (model, keep, form, weights)
+        if key not in made:
+            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}-{form}-{weights}"
+            export(ExportOptions(model, out, prefill_layers=keep, graph_form=form, weights=weights),
+                   progress=lambda m: None)
+            made[key] = out
+        return made[key]
     return get
 
 

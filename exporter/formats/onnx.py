@@ -15,8 +15,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from pop.runtime.manifest import Graph, TensorSpec, Weights
+from pop.runtime.manifest import Graph, Quantization, TensorSpec, Weights
 
+from .. import quantize
 from . import contrib
 from .plan import ROLES, GraphPlan, plans
 
@@ -68,7 +69,9 @@ def save_shared(graphs: dict, out_dir: Path) -> dict:
                 if len(raw) < INLINE_BELOW:
                     continue
                 referenced += len(raw)
-                key = hashlib.sha1(raw).hexdigest() + str(array.dtype) + str(array.shape)
+                # by bytes and type, not shape: a quantized table is one tensor to the embedding's gather
+                # and another shape to the output matrix's product, and is stored once
+                key = hashlib.sha1(raw).hexdigest() + str(array.dtype)
                 if key not in by_digest:
                     pad = -f.tell() % ALIGN
                     f.write(b"\0" * pad)
@@ -100,6 +103,20 @@ def describe(path: Path, plan: GraphPlan, form: str) -> Graph:
                  role=ROLES[plan.name])
 
 
+def _quantize(graphs, job) -> Quantization:
+    """The text graphs' on-grid matrices as MatMulNBits, a tied table as GatherBlockQuantized (vision
+    graphs keep their precision)."""
+    s, made = job.scheme, {}
+    for name in ("prefill", "decode"):
+        n = quantize.rewrite(graphs[name], s)
+        made[name] = {"MatMulNBits": n["matmuls"], "GatherBlockQuantized": n["gathers"]}
+        job.progress(f"{name} graph: {n['matmuls']} matrix products and {n['gathers']} embedding gathers "
+                     f"read {s.bits}-bit weights")
+    tied = all(m["GatherBlockQuantized"] for m in made.values())
+    return Quantization(job.options.weights, s.bits, s.block, True, s.accuracy_level, made,
+                        "quantized, shared with the output matrix" if tied else "float32")
+
+
 class OnnxFormat:
     """ONNX graphs (torch.onnx, dynamo) over one weights.bin, run by ONNX Runtime: the fused form."""
     name = "onnx"
@@ -116,11 +133,12 @@ class OnnxFormat:
         graphs, graph_plans = trace(job.adapter, job.prefill_layers, job.max_seq_len, job.hf.dtype, job.progress,
                                     job.heads, form)
         trace_s = time.perf_counter() - t
+        quantization = _quantize(graphs, job) if job.scheme else None
         job.progress("writing one shared weights file for both graphs")
         stored = save_shared(graphs, job.directory)
         specs = {name: describe(job.directory / f"{name}.onnx", graph_plans[name], form) for name in graphs}
         weights = Weights(WEIGHTS, (job.directory / WEIGHTS).stat().st_size, stored["unique_tensors"],
-                          stored["referenced_bytes"], stored["stored_bytes"])
+                          stored["referenced_bytes"], stored["stored_bytes"], quantization=quantization)
         return specs, weights, trace_s
 
     def finish(self, job, manifest):

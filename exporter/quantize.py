@@ -1,0 +1,211 @@
+"""Weight-only block quantization (round to nearest, symmetric) for the ONNX Runtime graphs.
+
+Two halves, one grid:
+
+- fake_quantize(job) puts every text-side nn.Linear weight (the decoder layers, the output matrix and
+  with it a tied embedding, fitted KV heads) on the quantization grid in place, before tracing.  The
+  PyTorch reference that verification runs is then the model with exactly the dequantized weights,
+  so a graph bug cannot hide behind quantization noise; the quantization error itself is what
+  pop-eval measures against the fp32 model.
+- rewrite(model) turns each MatMul against such a weight into ONNX Runtime's com.microsoft
+  MatMulNBits, and a Gather from a tied table into GatherBlockQuantized over the same bytes, so the
+  output matrix and the embedding are stored once.  A weight is rewritten only when it is on the
+  grid (its requantization reproduces it): constants that are not weights stay as they are.
+
+Layout (ONNX Runtime's contrib operators, uint8 form): a [K, N] weight is stored as its transpose,
+N rows of K values cut into blocks of `block` along K; 4-bit values are packed two to a byte, the
+first in the low nibble; each block has one float scale; with no zero-point input the zero point is
+2^(bits-1), so a value q stored as u reads (u - 2^(bits-1)) * scale.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from pop.runtime.errors import PopError
+
+WEIGHTS = ("fp32", "int8", "int4")
+BITS = {"int8": 8, "int4": 4}
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    bits: int
+    block: int = 32
+    accuracy_level: int = 1  # MatMulNBits: 4 = int8 activations and int32 accumulation (VNNI); 1 = fp32
+
+    @property
+    def qmax(self):
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def zero(self):
+        return 2 ** (self.bits - 1)
+
+
+def scheme_for(weights: str, block: int = 32, accuracy_level: int = 1):
+    if weights not in WEIGHTS:
+        raise PopError(f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}")
+    if block not in (16, 32, 64, 128, 256):
+        raise PopError(f"--weights-block must be 16, 32, 64, 128 or 256, got {block}")
+    return None if weights == "fp32" else Scheme(BITS[weights], block, accuracy_level)
+
+
+# --- the grid, in numpy (what the graphs store) --------------------------------------------------
+
+def quantize(rows: np.ndarray, s: Scheme):
+    """rows [N, K] float32 -> (codes [N, nb, block] uint8, scales [N, nb] float32); K padded with zeros."""
+    n, k = rows.shape
+    nb = -(-k // s.block)
+    padded = np.zeros((n, nb * s.block), np.float32)
+    padded[:, :k] = rows
+    blocks = padded.reshape(n, nb, s.block)
+    scales = (np.abs(blocks).max(-1) / np.float32(s.qmax)).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    codes = np.clip(np.rint(blocks / safe[..., None]), -s.qmax - 1, s.qmax) + s.zero
+    return codes.astype(np.uint8), scales
+
+
+def dequantize(codes, scales, k, s: Scheme):
+    rows = (codes.astype(np.float32) - s.zero) * scales[..., None]
+    return rows.reshape(rows.shape[0], -1)[:, :k]
+
+
+def pack(codes: np.ndarray, s: Scheme):
+    """[N, nb, block] codes -> [N, nb, block * bits / 8] bytes (4 bits: two per byte, low nibble first)."""
+    if s.bits == 8:
+        return codes
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def on_grid(rows, s: Scheme):
+    """(codes, scales) when `rows` [N, K] is reproduced by its own requantization, else None."""
+    codes, scales = quantize(rows, s)
+    back = dequantize(codes, scales, rows.shape[1], s)
+    # a requantized scale can differ from the one that made the grid by an ulp
+    return (codes, scales) if np.allclose(back, rows, rtol=1e-6, atol=0) else None
+
+
+# --- the grid, in torch (what the reference runs) ------------------------------------------------
+
+def fake_quantize(modules, s: Scheme):
+    """Puts the weight of every nn.Linear in `modules` on the grid, in place (a tied embedding follows
+    its output matrix, being the same tensor).  Returns how many weights and values were quantized."""
+    import torch
+    seen, count, values = set(), 0, 0
+    with torch.no_grad():
+        for m in modules:
+            for linear in (x for x in m.modules() if isinstance(x, torch.nn.Linear)):
+                w = linear.weight
+                if id(w) in seen:
+                    continue
+                seen.add(id(w))
+                n, k = w.shape
+                nb = -(-k // s.block)
+                padded = torch.zeros(n, nb * s.block, dtype=torch.float32)
+                padded[:, :k] = w.float()
+                blocks = padded.view(n, nb, s.block)
+                scales = blocks.abs().amax(-1, keepdim=True) / s.qmax
+                codes = torch.clamp(torch.round(blocks / torch.where(scales > 0, scales, 1.0)), -s.qmax - 1, s.qmax)
+                w.copy_((codes * scales).view(n, -1)[:, :k].to(w.dtype))
+                count, values = count + 1, values + w.numel()
+    return count, values
+
+
+def text_modules(adapter, heads=None):
+    """The modules whose Linear weights are quantized: the decoder layers, the output matrix, fitted heads.
+    Vision towers keep their precision."""
+    out = [adapter.layers, adapter.hf.lm_head]
+    return out + ([heads] if heads is not None else [])
+
+
+# --- the graphs ---------------------------------------------------------------------------------
+
+def rewrite(model, s: Scheme):
+    """MatMul against an on-grid weight -> MatMulNBits; Gather from an on-grid table -> GatherBlockQuantized.
+    Returns {"matmuls": n, "gathers": n}."""
+    import onnx_ir as ir
+    graph = model.graph
+    made = {"matmuls": 0, "gathers": 0}
+    cache = {}  # initializer name -> (packed, scales) or None
+
+    def grid(value, transposed):
+        """(packed, scales) of an initializer's rows ([N, K]: its transpose when `transposed`), or None."""
+        key = (value.name, transposed)
+        if key not in cache:
+            array = value.const_value.numpy() if value.const_value is not None else None
+            cache[key] = None
+            if array is not None and array.dtype == np.float32 and array.ndim == 2 and min(array.shape) >= s.block:
+                found = on_grid(np.ascontiguousarray(array.T) if transposed else array, s)
+                if found is not None:
+                    cache[key] = (pack(found[0], s), found[1])
+        return cache[key]
+
+    def product(a, weight, transposed):
+        """MatMulNBits for a @ W, W the initializer (transposed: stored [K, N]; else [N, K]), or None."""
+        q = grid(weight, transposed)
+        if q is None:
+            return None
+        packed, scales = q
+        n, k = packed.shape[0], weight.const_value.shape[0 if transposed else 1]
+        b = initializer(f"{weight.name}.q{s.bits}", packed)
+        sc = initializer(f"{weight.name}.scales", scales.reshape(-1))
+        return ir.node("MatMulNBits", [a, b, sc], domain=MS, version=1,
+                       attributes={"K": k, "N": n, "bits": s.bits, "block_size": s.block,
+                                   "accuracy_level": s.accuracy_level})
+
+    def initializer(name, array):
+        if name in graph.initializers:  # a weight that two products read
+            return graph.initializers[name]
+        v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(v)
+        return v
+
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].is_initializer():
+            new = product(node.inputs[0], node.inputs[1], transposed=True)
+            if new is None:
+                continue
+            made["matmuls"] += 1
+        elif node.op_type == "Gemm" and len(node.inputs) == 2 and node.inputs[1].is_initializer() \
+                and node.attributes.get_float("alpha", 1.0) == 1.0 and not node.attributes.get_int("transA", 0):
+            # the output matrix of a single-position step: A @ table^T, the table tied to the embedding
+            new = product(node.inputs[0], node.inputs[1], transposed=not node.attributes.get_int("transB", 0))
+            if new is None:
+                continue
+            made["matmuls"] += 1
+        elif node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].is_initializer():
+            table = node.inputs[0]
+            axis = node.attributes.get_int("axis", 0)
+            if axis != 0 or table.const_value.shape[1] % s.block:
+                continue
+            q = grid(table, transposed=False)
+            if q is None:
+                continue
+            packed, scales = q
+            v, d = table.const_value.shape
+            # the same bytes as the output product's weight and scales, in the shapes a gather takes:
+            # weights.bin stores them once (formats/onnx.py shares tensors by content)
+            data = initializer(f"{table.name}.q{s.bits}.rows", packed.reshape(v, d * s.bits // 8))
+            sc = initializer(f"{table.name}.scales.rows", scales)
+            new = ir.node("GatherBlockQuantized", [data, node.inputs[1], sc], domain=MS, version=1,
+                          attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": s.block,
+                                      "bits": s.bits})
+            made["gathers"] += 1
+        else:
+            continue
+        new.outputs[0].name, old_name = None, node.outputs[0].name
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
+        new.outputs[0].name = old_name
+    _drop_unused_initializers(graph)
+    if made["matmuls"] or made["gathers"]:
+        model.opset_imports.setdefault(MS, 1)
+    return made
+
+
+def _drop_unused_initializers(graph):
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
