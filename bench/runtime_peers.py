@@ -4,10 +4,11 @@
   Beside its TTFT and decode speed it reports the runtime overhead per decode
   step, C++ against Python: step wall time minus the time inside the backend's
   run, so what each runtime adds around the same compiled graphs.
-* other: the same model exported for the other backend (--other-artifacts DIR:
-  ONNX Runtime against AOTInductor), through the Python runtime.
+* other: the same model exported another way (--other-artifacts DIR: ONNX Runtime against AOTInductor,
+  or fp32 against quantized weights), through the Python runtime.
 """
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -104,7 +105,10 @@ class OtherBackend:
         if other.model.name != manifest.model.name:
             raise PopError(f"--other-artifacts holds {other.model.name}, not {manifest.model.name}")
         self.session = PopSession.load(artifacts, threads=threads)
-        self.versions = {"backend": self.session.backend.name}
+        # which export this is: another backend's, or (the same backend) other weights
+        q = other.weights.quantization
+        self.versions = {"backend": self.session.backend.name, "artifacts": Path(artifacts).name,
+                         "weights": q.scheme if q else other.dtype}
 
     def measure(self, ids, new_tokens, runs, warmup, tick=lambda: None):
         r = measure_runtime(self.session, ids, new_tokens, runs, warmup, tick)
