@@ -1,6 +1,6 @@
 """Weight-only block quantization (round to nearest, symmetric) for the ONNX Runtime graphs.
 
-Two halves, one grid:
+One grid, used twice:
 
 - fake_quantize(job) puts every text-side nn.Linear weight (the decoder layers, the output matrix and
   with it a tied embedding, fitted KV heads) on the quantization grid in place, before tracing.  The
@@ -86,11 +86,12 @@ def on_grid(rows, s: Scheme):
     return (codes, scales) if np.allclose(back, rows, rtol=1e-6, atol=0) else None
 
 
-# --- the grid, in torch (what the reference runs) ------------------------------------------------
+# --- the model ---------------------------------------------------------------------------------
 
 def fake_quantize(modules, s: Scheme):
     """Puts the weight of every nn.Linear in `modules` on the grid, in place (a tied embedding follows
-    its output matrix, being the same tensor).  Returns how many weights and values were quantized."""
+    its output matrix, being the same tensor), through the same quantize() the graphs' bytes come from.
+    Returns how many weights and values were quantized."""
     import torch
     seen, count, values = set(), 0, 0
     with torch.no_grad():
@@ -100,14 +101,8 @@ def fake_quantize(modules, s: Scheme):
                 if id(w) in seen:
                     continue
                 seen.add(id(w))
-                n, k = w.shape
-                nb = -(-k // s.block)
-                padded = torch.zeros(n, nb * s.block, dtype=torch.float32)
-                padded[:, :k] = w.float()
-                blocks = padded.view(n, nb, s.block)
-                scales = blocks.abs().amax(-1, keepdim=True) / s.qmax
-                codes = torch.clamp(torch.round(blocks / torch.where(scales > 0, scales, 1.0)), -s.qmax - 1, s.qmax)
-                w.copy_((codes * scales).view(n, -1)[:, :k].to(w.dtype))
+                codes, scales = quantize(w.detach().float().numpy(), s)
+                w.copy_(torch.from_numpy(dequantize(codes, scales, w.shape[1], s)).to(w.dtype))
                 count, values = count + 1, values + w.numel()
     return count, values
 
