@@ -41,6 +41,9 @@ def parser():
                         "MatMulNBits; a tied embedding is gathered from the same 4- or 8-bit table). Default fp32")
     p.add_argument("--weights-block", type=int, default=32, metavar="B",
                    help="values per quantization scale (default 32)")
+    p.add_argument("--weights-compute", default="fp32", choices=("fp32", "int8"),
+                   help="quantized products in fp32 (default; verified exactly) or with int8 activations "
+                        "(MatMulNBits accuracy_level 4: faster decode, its error measured and recorded)")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens the KV buffer holds "
                                                                 "(default min(4096, the model's limit))")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")
@@ -63,6 +66,7 @@ def options(argv) -> ExportOptions:
         prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
         max_seq_len=args.max_seq_len, max_batch=args.max_batch, tf32=args.tf32, threads=args.threads,
         skip_verify=args.skip_verify, weights=args.weights, weights_block=args.weights_block,
+        weights_compute=args.weights_compute,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
         command=shlex.join(["pop-export", *argv]))
 

@@ -71,6 +71,7 @@ def export(options: ExportOptions, progress=print):
         manifest = describe(job, graphs, weights)
         manifest.save(job.directory)  # provisional, so the runtime can read the folder while we verify
         manifest.verification = verify(job, manifest)
+        int8_compute(job, manifest)
         param_bytes = manifest.model.parameter_bytes
         job.loaded = job.adapter = job.heads = None  # the model's memory goes before the runtime measures its own
         manifest.memory = measure_memory(job.directory, manifest, param_bytes)
@@ -129,12 +130,31 @@ def quantize_weights(job):
     """--weights int8/int4: the text matrices onto the quantization grid, in place, before tracing, so that
     the graphs (which store them quantized) and the reference verification runs hold the same weights."""
     o = job.options
-    job.scheme = quantize.scheme_for(o.weights, o.weights_block)
+    job.scheme = quantize.scheme_for(o.weights, o.weights_block, o.weights_compute)
     if job.scheme is None:
         return
     count, values = quantize.fake_quantize(quantize.text_modules(job.adapter, job.heads), job.scheme)
     job.progress(f"{o.weights} weights: {count} matrices ({values / 1e6:.1f} M values) rounded to {job.scheme.bits} "
                  f"bits in blocks of {job.scheme.block}")
+
+
+def int8_compute(job, manifest):
+    """--weights-compute int8: the graphs were verified with fp32 products (exact up to rounding); now
+    they take int8 activations, and how far that moves them from the reference is measured and recorded
+    rather than held to fp32's tolerance, which it cannot meet."""
+    if not job.scheme or job.scheme.accuracy_level == 1:
+        return
+    for name in ("prefill", "decode"):
+        quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, job.scheme.accuracy_level)
+    q = manifest.weights.quantization
+    q.accuracy_level = job.scheme.accuracy_level
+    if job.options.skip_verify:
+        return
+    from .verify import verify as run_verification
+    report = run_verification(job, manifest)
+    q.int8_compute_error = {what: round(c.max_abs / c.scale, 6) for what, c in report.checks.items()}
+    job.progress("int8 activations: max abs difference from the reference, relative to its scale: "
+                 + ", ".join(f"{what} {v:.2g}" for what, v in q.int8_compute_error.items()))
 
 
 def describe(job, graphs, weights) -> Manifest:

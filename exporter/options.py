@@ -30,6 +30,7 @@ class ExportOptions:
     ridge: str | float = "auto"
     weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
     weights_block: int = 32
+    weights_compute: str = "fp32"  # or "int8": MatMulNBits with int8 activations (faster decode on some CPUs)
     command: str | None = None  # as typed, for the manifest's provenance
 
     def check(self):
@@ -46,7 +47,10 @@ class ExportOptions:
                                                    if self.format == "trt" else ""))
         if self.dtype not in DTYPES:
             raise PopError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if scheme_for(self.weights, self.weights_block) is not None:
+        if scheme_for(self.weights, self.weights_block, self.weights_compute) is None:
+            if self.weights_compute != "fp32":
+                raise PopError("--weights-compute is for quantized weights: add --weights int8 or int4")
+        else:
             if self.format != "onnx" or (self.graph_form or fmt.default_form) != "fused":
                 raise PopError(f"--weights {self.weights} needs ONNX Runtime's MatMulNBits: --format onnx with the "
                                f"fused graph form, not --format {self.format}"

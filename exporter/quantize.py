@@ -28,11 +28,14 @@ BITS = {"int8": 8, "int4": 4}
 MS = "com.microsoft"
 
 
+COMPUTE = {"fp32": 1, "int8": 4}  # MatMulNBits' accuracy_level: fp32 products, or int8 activations (int32 sums)
+
+
 @dataclass(frozen=True)
 class Scheme:
     bits: int
     block: int = 32
-    accuracy_level: int = 1  # MatMulNBits: 4 = int8 activations and int32 accumulation (VNNI); 1 = fp32
+    accuracy_level: int = 1  # what the shipped graphs use; they are written and verified at 1 (exact fp32)
 
     @property
     def qmax(self):
@@ -43,12 +46,26 @@ class Scheme:
         return 2 ** (self.bits - 1)
 
 
-def scheme_for(weights: str, block: int = 32, accuracy_level: int = 1):
+def scheme_for(weights: str, block: int = 32, compute: str = "fp32"):
     if weights not in WEIGHTS:
         raise PopError(f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}")
     if block not in (16, 32, 64, 128, 256):
         raise PopError(f"--weights-block must be 16, 32, 64, 128 or 256, got {block}")
-    return None if weights == "fp32" else Scheme(BITS[weights], block, accuracy_level)
+    if compute not in COMPUTE:
+        raise PopError(f"--weights-compute takes {' or '.join(COMPUTE)}, got {compute!r}")
+    return None if weights == "fp32" else Scheme(BITS[weights], block, COMPUTE[compute])
+
+
+def set_accuracy_level(path, level):
+    """Sets every MatMulNBits of the graph file at `path` to `level`; its weights (external) are untouched."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    onnx.save(model, str(path))
 
 
 # --- the grid, in numpy (what the graphs store) --------------------------------------------------
@@ -147,7 +164,7 @@ def rewrite(model, s: Scheme):
         sc = initializer(f"{weight.name}.scales", scales.reshape(-1))
         return ir.node("MatMulNBits", [a, b, sc], domain=MS, version=1,
                        attributes={"K": k, "N": n, "bits": s.bits, "block_size": s.block,
-                                   "accuracy_level": s.accuracy_level})
+                                   "accuracy_level": 1})  # the verified form; export.py may change it after
 
     def initializer(name, array):
         if name in graph.initializers:  # a weight that two products read

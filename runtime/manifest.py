@@ -143,6 +143,9 @@ class Quantization:
     accuracy_level: int  # MatMulNBits' compute precision (1: fp32, 4: int8 activations)
     operators: dict  # graph -> {"MatMulNBits": n, "GatherBlockQuantized": n}
     embedding: str  # "quantized, shared with the output matrix" or "float32"
+    # accuracy_level 4: each check's max abs difference from the reference / its scale (the graphs were
+    # verified at level 1 first)
+    int8_compute_error: dict | None = None
 
 
 @dataclass

@@ -100,9 +100,30 @@ def test_bad_combinations_fail_before_loading(tmp_path):
     for args, needle in ((("--weights", "int4", "--format", "trt"), "needs ONNX Runtime's MatMulNBits"),
                          (("--weights", "int8", "--graph-form", "plain"), "--graph-form plain"),
                          (("--weights", "int4", "--dtype", "fp16"), "--dtype fp16 with it is not supported"),
-                         (("--weights", "int4", "--weights-block", "48"), "--weights-block must be")):
+                         (("--weights", "int4", "--weights-block", "48"), "--weights-block must be"),
+                         (("--weights-compute", "int8",), "add --weights int8 or int4")):
         run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", *args, timeout=120)
         assert run.returncode == 2 and needle in run.stderr.strip().splitlines()[-1], (args, run.stderr)
         assert "Traceback" not in run.stderr and not (tmp_path / "o").exists()
     run = cli("pop-export", "--model", "tiny-llama", "--weights", "int3", timeout=120)
     assert run.returncode == 2 and "invalid choice: 'int3'" in run.stderr
+
+
+def test_int8_compute_is_verified_first_then_measured(tmp_path):
+    """--weights-compute int8: the export verifies the fp32-compute graphs (it fails otherwise), then
+    switches MatMulNBits to int8 activations and records their measured distance from the reference."""
+    out = tmp_path / "q"
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--weights", "int4", "--weights-compute", "int8",
+              timeout=600)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "pop_manifest.json").read_text())
+    record = manifest["weights"]["quantization"]
+    assert manifest["verification"]["passed"] and record["accuracy_level"] == 4
+    errors = record["int8_compute_error"]
+    assert set(errors) == {"prefill_kv", "boundary_logits", "full_logits", "full_kv"}
+    assert all(1e-4 < e < 0.2 for e in errors.values()), errors  # int8 rounding shows, and stays small
+    decode = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    levels = {a.i for n in decode.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert len(generate_json(out, PROMPT_IDS, 6)["output_ids"]) >= 1
