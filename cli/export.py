@@ -7,7 +7,7 @@ import sys
 from pop.exporter.export import export
 from pop.exporter.formats import FORMATS
 from pop.exporter.options import DTYPES, ExportOptions
-from pop.exporter.quantize import WEIGHTS
+from pop.exporter.quantize import COMPUTE, WEIGHTS
 from pop.exporter.sources import preset_names
 
 from .console import progress_printer
@@ -41,9 +41,10 @@ def parser():
                         "MatMulNBits; a tied embedding is gathered from the same 4- or 8-bit table). Default fp32")
     p.add_argument("--weights-block", type=int, default=32, metavar="B",
                    help="values per quantization scale (default 32)")
-    p.add_argument("--weights-compute", default="fp32", choices=("fp32", "int8"),
-                   help="quantized products in fp32 (default; verified exactly) or with int8 activations "
-                        "(MatMulNBits accuracy_level 4: faster decode, its error measured and recorded)")
+    p.add_argument("--weights-compute", default="fp32", choices=COMPUTE,
+                   help="quantized products in fp32 (default; verified exactly), or with int8 activations in both "
+                        "graphs (int8) or in the decode graph only (int8-decode): MatMulNBits accuracy_level 4, "
+                        "faster decode steps; its error is measured and recorded")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens the KV buffer holds "
                                                                 "(default min(4096, the model's limit))")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")

@@ -139,15 +139,15 @@ def quantize_weights(job):
 
 
 def int8_compute(job, manifest):
-    """--weights-compute int8: the graphs were verified with fp32 products (exact up to rounding); now
-    they take int8 activations, and how far that moves them from the reference is measured and recorded
+    """--weights-compute int8 or int8-decode: the graphs were verified with fp32 products (exact up to
+    rounding); now those chosen take int8 activations, and how far that moves them from the reference is measured and recorded
     rather than held to fp32's tolerance, which it cannot meet."""
-    if not job.scheme or job.scheme.accuracy_level == 1:
+    if not job.scheme or not job.scheme.int8_graphs:
         return
-    for name in ("prefill", "decode"):
-        quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, job.scheme.accuracy_level)
     q = manifest.weights.quantization
-    q.accuracy_level = job.scheme.accuracy_level
+    for name in job.scheme.int8_graphs:
+        quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, quantize.INT8_LEVEL)
+        q.accuracy_level[name] = quantize.INT8_LEVEL
     if job.options.skip_verify:
         return
     from .verify import verify as run_verification

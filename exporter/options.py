@@ -30,7 +30,7 @@ class ExportOptions:
     ridge: str | float = "auto"
     weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
     weights_block: int = 32
-    weights_compute: str = "fp32"  # or "int8": MatMulNBits with int8 activations (faster decode on some CPUs)
+    weights_compute: str = "fp32"  # or "int8", "int8-decode": where MatMulNBits takes int8 activations
     command: str | None = None  # as typed, for the manifest's provenance
 
     def check(self):

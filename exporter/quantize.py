@@ -28,14 +28,18 @@ BITS = {"int8": 8, "int4": 4}
 MS = "com.microsoft"
 
 
-COMPUTE = {"fp32": 1, "int8": 4}  # MatMulNBits' accuracy_level: fp32 products, or int8 activations (int32 sums)
+# --weights-compute: the graphs whose MatMulNBits take int8 activations (accuracy_level 4, int32 sums)
+# instead of computing in fp32 (level 1).  On this project's CPU int8 activations made decode steps
+# faster and long prefills slower (benchmarks/quantized), hence the mixed choice.
+COMPUTE = {"fp32": (), "int8": ("prefill", "decode"), "int8-decode": ("decode",)}
+INT8_LEVEL = 4
 
 
 @dataclass(frozen=True)
 class Scheme:
     bits: int
     block: int = 32
-    accuracy_level: int = 1  # what the shipped graphs use; they are written and verified at 1 (exact fp32)
+    int8_graphs: tuple = ()  # graphs switched to int8 activations after they verified with fp32 products
 
     @property
     def qmax(self):

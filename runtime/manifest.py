@@ -140,11 +140,11 @@ class Quantization:
     bits: int
     block_size: int  # values per scale, along the input dimension
     symmetric: bool  # no zero-point tensors: the zero point is 2^(bits-1)
-    accuracy_level: int  # MatMulNBits' compute precision (1: fp32, 4: int8 activations)
+    accuracy_level: dict  # graph -> MatMulNBits' compute precision (1: fp32, 4: int8 activations)
     operators: dict  # graph -> {"MatMulNBits": n, "GatherBlockQuantized": n}
     embedding: str  # "quantized, shared with the output matrix" or "float32"
-    # accuracy_level 4: each check's max abs difference from the reference / its scale (the graphs were
-    # verified at level 1 first)
+    # where a graph is at level 4: each check's max abs difference from the reference / its scale (the
+    # graphs were verified at level 1 first)
     int8_compute_error: dict | None = None
 
 

@@ -118,7 +118,7 @@ def test_int8_compute_is_verified_first_then_measured(tmp_path):
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "pop_manifest.json").read_text())
     record = manifest["weights"]["quantization"]
-    assert manifest["verification"]["passed"] and record["accuracy_level"] == 4
+    assert manifest["verification"]["passed"] and record["accuracy_level"] == {"prefill": 4, "decode": 4}
     errors = record["int8_compute_error"]
     assert set(errors) == {"prefill_kv", "boundary_logits", "full_logits", "full_kv"}
     assert all(1e-4 < e < 0.2 for e in errors.values()), errors  # int8 rounding shows, and stays small
@@ -127,3 +127,13 @@ def test_int8_compute_is_verified_first_then_measured(tmp_path):
               if a.name == "accuracy_level"}
     assert levels == {4}
     assert len(generate_json(out, PROMPT_IDS, 6)["output_ids"]) >= 1
+    mixed = tmp_path / "mixed"  # int8 activations in the decode graph only
+    run = cli("pop-export", "--model", "tiny-llama", "--out", mixed, "--weights", "int4", "--weights-compute",
+              "int8-decode", timeout=600)
+    assert run.returncode == 0, run.stderr
+    record = json.loads((mixed / "pop_manifest.json").read_text())["weights"]["quantization"]
+    assert record["accuracy_level"] == {"prefill": 1, "decode": 4} and record["int8_compute_error"]
+    for graph, level in record["accuracy_level"].items():
+        model = onnx.load(str(mixed / f"{graph}.onnx"), load_external_data=False)
+        assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "accuracy_level"} == {level}

@@ -113,7 +113,7 @@ def _quantize(graphs, job) -> Quantization:
         job.progress(f"{name} graph: {n['matmuls']} matrix products and {n['gathers']} embedding gathers "
                      f"read {s.bits}-bit weights")
     tied = all(m["GatherBlockQuantized"] for m in made.values())
-    return Quantization(job.options.weights, s.bits, s.block, True, s.accuracy_level, made,
+    return Quantization(job.options.weights, s.bits, s.block, True, {name: 1 for name in made}, made,
                         "quantized, shared with the output matrix" if tied else "float32")
 
 
