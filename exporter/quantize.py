@@ -143,7 +143,7 @@ def rewrite(model, s: Scheme):
     import onnx_ir as ir
     graph = model.graph
     made = {"matmuls": 0, "gathers": 0}
-    cache = {}  # initializer name -> (packed, scales) or None
+    cache = {}  # (initializer name, transposed) -> (packed, scales) or None
 
     def grid(value, transposed):
         """(packed, scales) of an initializer's rows ([N, K]: its transpose when `transposed`), or None."""
@@ -164,8 +164,9 @@ def rewrite(model, s: Scheme):
             return None
         packed, scales = q
         n, k = packed.shape[0], weight.const_value.shape[0 if transposed else 1]
-        b = initializer(f"{weight.name}.q{s.bits}", packed)
-        sc = initializer(f"{weight.name}.scales", scales.reshape(-1))
+        name = f"{weight.name}{'.T' if transposed else ''}"  # one weight read both ways packs two ways
+        b = initializer(f"{name}.q{s.bits}", packed)
+        sc = initializer(f"{name}.scales", scales.reshape(-1))
         return ir.node("MatMulNBits", [a, b, sc], domain=MS, version=1,
                        attributes={"K": k, "N": n, "bits": s.bits, "block_size": s.block,
                                    "accuracy_level": 1})  # the verified form; export.py may change it after
