@@ -1,8 +1,10 @@
 """pop-serve: an OpenAI-compatible HTTP server over exported artifacts, batching requests continuously."""
 import argparse
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pop.runtime.backends import BACKENDS
 from pop.runtime.errors import PopError
@@ -81,8 +83,6 @@ def _serve_on_ray(args):
         from ray import serve
     except ImportError:
         raise PopError("pop-serve --ray needs Ray Serve: pip install -e '.[ray]'") from None
-    from pathlib import Path
-
     from pop.runtime.manifest import Manifest
     from pop.serve.ray_app import RayOptions, deployment
     artifacts = Path(args.artifacts).resolve()
@@ -92,8 +92,6 @@ def _serve_on_ray(args):
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    import os
-
     from pop.serve.ray_proxy import ENV
     for key, value in ENV.items():  # the proxy's middleware, for the Ray instance that ray.init starts here
         os.environ.setdefault(key, value)

@@ -140,8 +140,8 @@ def quantize_weights(job):
 
 def int8_compute(job, manifest):
     """--weights-compute int8 or int8-decode: the graphs were verified with fp32 products (exact up to
-    rounding); now those chosen take int8 activations, and how far that moves them from the reference is measured and recorded
-    rather than held to fp32's tolerance, which it cannot meet."""
+    rounding); now those chosen take int8 activations, and how far that moves them from the reference
+    is measured and recorded rather than held to fp32's tolerance, which it cannot meet."""
     if not job.scheme or not job.scheme.int8_graphs:
         return
     q = manifest.weights.quantization

@@ -2,7 +2,7 @@
 
 One grid, used twice:
 
-- fake_quantize(job) puts every text-side nn.Linear weight (the decoder layers, the output matrix and
+- fake_quantize(modules) puts every text-side nn.Linear weight (the decoder layers, the output matrix and
   with it a tied embedding, fitted KV heads) on the quantization grid in place, before tracing.  The
   PyTorch reference that verification runs is then the model with exactly the dequantized weights,
   so a graph bug cannot hide behind quantization noise; the quantization error itself is what

@@ -146,7 +146,8 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                 else ""
             q = session.manifest.weights.quantization
             weights_tag = f", {q.scheme} weights" if q else ""
-            results += [{"method": f"exported graphs, pop runtime, full mode{weights_tag}", "prefill_layers": n_layers,
+            results += [{"method": f"exported graphs, pop runtime, full mode{weights_tag}",
+                         "prefill_layers": n_layers,
                          "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, n_layers),
                          **fidelity.summarize(runtime_rows["full"])},
                         {"method": f"exported graphs, pop runtime, POP K={k}{fitted_tag}{weights_tag}",
