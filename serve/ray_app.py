@@ -7,12 +7,14 @@ OpenAI-compatible app as pop-serve (pop.serve.app), streaming included.
 Every node must see the artifacts at the same path (a shared or replicated file system): replicas map
 weights.bin from disk, as pop-serve does, rather than receiving them through Ray's object store.
 
-Each replica tells which one answered in the `x-pop-replica` response header.  Ray Serve sends a replica
+Each replica tells which one answered in the `x-pop-replica` response header (Ray's replica id) and
+which process in `x-pop-pid` (so an operator can find it on its node).  Ray Serve sends a replica
 at most 2 x max_batch requests at once: its running rows and as many waiting to take a row the moment one
 frees.  Ray holds the rest in the proxy's queue (max_queue requests per proxy, then 503 with Retry-After)
 and gives each to the first replica with room.  Were the limit the engine's own max_queue, a proxy would
 pile everything onto one replica: Ray Serve prefers replicas on the proxy's own node until they are full.
 """
+import os
 from dataclasses import asdict, dataclass
 
 from ray import serve
@@ -60,12 +62,13 @@ class PopReplica:
     def __serve_build_asgi_app__(self):
         from .app import create_app
         app = create_app(self.engine, self.options.model_name, self.options.grace)
-        replica = self.replica
+        replica, pid = self.replica, str(os.getpid())
 
         @app.middleware("http")
         async def tag(request, call_next):
             response = await call_next(request)
             response.headers["x-pop-replica"] = replica
+            response.headers["x-pop-pid"] = pid
             return response
         return app
 

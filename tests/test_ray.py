@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import psutil
@@ -97,14 +98,15 @@ def solo(artifacts, n):
 
 def ask(server, n, stream, timeout=60, started=None):
     """One completion through the proxy: ("ok", text, replica) | ("retry", message, None) | ("other", ...).
-    started(replica) is called when a stream's headers arrive: the request is then running on it."""
+    started(pid) is called when a stream's headers arrive, with the replica process's pid: the request is
+    then running there, and stays in flight until its body is read."""
     c = server.connection(timeout)
     body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": stream}
     try:
         c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = c.getresponse()
         if started and stream and r.status == 200:
-            started(r.getheader("x-pop-replica"))
+            started(int(r.getheader("x-pop-pid")))
         raw = r.read().decode()
         if not stream or r.status != 200:  # a stream refused before it started is a JSON error too
             out = json.loads(raw)
@@ -125,9 +127,11 @@ def ask(server, n, stream, timeout=60, started=None):
 
 def test_answers_through_ray_equal_pop_generate_and_replicas_share_them(ray_serve):
     server, artifacts, _ = ray_serve
-    want = solo(artifacts, 10)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: ask(server, 10, i % 2 == 0), range(16)))
+    want = solo(artifacts, 64)
+    # all at once and long enough to fill the proxy's own node's replica: Ray Serve sends the other node's
+    # replica requests only while the local one is full
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: ask(server, 64, i % 2 == 0), range(16)))
     assert all(kind == "ok" and text == want for kind, text, _ in answers), answers
     assert len({replica for _, _, replica in answers}) == 2  # both replicas answered
 
@@ -144,17 +148,25 @@ def test_bad_input_through_ray_gets_pop_serves_errors(ray_serve):
     assert server.get("/health")[0] == 200
 
 
-def _under_fault(server, artifacts, fault, n=200):
-    """Sends 12 requests (half streamed) at once and runs fault() once streams run on both replicas (so the
-    fault meets requests in flight however slow the machine); every request must end within its timeout,
-    correct or with a retryable error.  Returns the outcome counts."""
+def _under_fault(server, artifacts, on_victim, fault, n=200):
+    """Sends 12 requests at once, 6 streamed then 6 not, and runs fault(pid) from the first stream that starts
+    on a replica process for which on_victim(pid) holds, before that stream's body is read: the fault meets at
+    least that request in flight however fast or slow the machine.  Every request must end within its
+    timeout, correct or with a retryable error.  Returns the outcome counts."""
     want = solo(artifacts, n)
-    running = set()
+    fired, lock = threading.Event(), threading.Lock()
+
+    def started(pid):
+        with lock:
+            if not fired.is_set() and on_victim(pid):
+                fault(pid)
+                fired.set()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(ask, server, n, i % 2 == 0, 90, running.add) for i in range(12)]
-        wait_for(lambda: len(running) == 2, 60, "streams running on both replicas")
-        fault()
+        # streams first: the proxy's first 2 x max_batch go to one replica, the rest reach the other
+        futures = [pool.submit(ask, server, n, True, 90, started) for _ in range(6)]
+        futures += [pool.submit(ask, server, n, False, 90) for _ in range(6)]
         outcomes = [f.result(timeout=120) for f in futures]  # a hung request fails the test here
+    assert fired.is_set(), "no stream started on the replica the fault was aimed at"
     counts = {"accepted": len(outcomes), "completed": 0, "retry": 0}
     for kind, text, _ in outcomes:
         assert kind in ("ok", "retry"), (kind, text)
@@ -167,10 +179,15 @@ def _under_fault(server, artifacts, fault, n=200):
 
 def test_a_replica_killed_mid_load_costs_only_retryable_errors(ray_serve):
     server, artifacts, _ = ray_serve
-    before = replicas()
-    victim = next(iter(before))
-    counts = _under_fault(server, artifacts, lambda: os.kill(victim, signal.SIGKILL))
+    assert len(replicas()) == 2
+    killed = []
+
+    def kill(pid):
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    counts = _under_fault(server, artifacts, lambda pid: True, kill)
     assert counts["completed"] >= 1 and counts["retry"] >= 1  # the kill met requests in flight
+    victim = killed[0]
     # Ray Serve replaces the replica, and the endpoint keeps serving
     wait_for(lambda: len(replicas()) == 2 and victim not in replicas(), 120, "a replacement replica")
     assert ask(server, 5, False)[0] == "ok"
@@ -182,13 +199,17 @@ def test_the_worker_node_lost_and_the_deployment_recovers_on_the_head(ray_serve)
     worker = [p for p in raylets if any("pop_test_worker" in a for a in p.cmdline())]
     assert len(raylets) == 2 and len(worker) == 1, [p.cmdline()[:3] for p in raylets]
 
-    def lose_worker():
+    on_worker = {p.pid for p in worker[0].children(recursive=True)}
+    assert on_worker & set(replicas()), "no replica runs on the worker node"
+
+    def lose_worker(_):
         for p in [worker[0], *worker[0].children(recursive=True)]:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-    _under_fault(server, artifacts, lose_worker)
+    counts = _under_fault(server, artifacts, lambda pid: pid in on_worker, lose_worker)
+    assert counts["retry"] >= 1  # the node was lost with a request in flight
     wait_for(lambda: len(replicas()) == 2, 180, "two replicas again, on the head node")
     answers = [ask(server, 5, i % 2 == 0) for i in range(6)]
     assert all(kind == "ok" for kind, _, _ in answers), answers
