@@ -32,7 +32,7 @@ def main(argv=None):
         raise PopError("need --samples >= 1, --prompt-len >= 2, --new-tokens >= 1 and 0 <= --budget < 1")
     analyze(args.model, args.data, args.samples, args.out, args.prompt_len, args.new_tokens, args.seed, args.budget,
             progress=progress_printer("pop-analyze"), kv_heads=args.kv_heads, calib_tokens=args.calib_tokens,
-            ridge=args.ridge)
+            ridge=args.ridge, guard=args.guard)
     return 0
 
 

@@ -39,7 +39,7 @@ def main(argv=None):
     report = evaluate(args.model, args.artifacts, args.data, args.prefill_layers, args.samples, args.prompt_len,
                       args.continuation, args.greedy_tokens, progress=progress_printer("pop-eval"),
                       kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
-                      max_kl=args.max_kl)
+                      max_kl=args.max_kl, guard=args.guard)
     out = Path(args.out) if args.out else Path("artifacts") / f"eval-{report['model']['name']}"
     write_reports(report, out)
     print(json.dumps(report) if args.json else markdown(report))

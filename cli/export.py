@@ -69,7 +69,7 @@ def options(argv) -> ExportOptions:
         skip_verify=args.skip_verify, weights=args.weights, weights_block=args.weights_block,
         weights_compute=args.weights_compute,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
-        command=shlex.join(["pop-export", *argv]))
+        guard=args.guard, command=shlex.join(["pop-export", *argv]))
 
 
 def main(argv=None):

@@ -20,6 +20,11 @@ def add_fitted_heads(p, several=False, calib_flag=True):
     p.add_argument("--ridge", default="auto", metavar="auto|VALUE",
                    help="ridge strength relative to the mean eigenvalue of the inputs' Gram matrix; auto "
                         "(default) chooses per layer on held-out calibration tokens; inf = the original heads")
+    p.add_argument("--guard", default="samples", metavar="samples|off|FILE",
+                   help="text unlike the calibration that the fit must not hurt: the model's own samples "
+                        "(default), a FILE of other domains, or off (the fit is chosen on the calibration text "
+                        "alone; the samples still check it).  The report gives the heads' gain in and out of the "
+                        "calibration domain and warns when they lose outside it")
 
 
 def add_runtime(p, backends):

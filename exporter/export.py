@@ -123,7 +123,13 @@ def fit_heads(job):
     job.progress(f"fitting the KV heads of layers {job.prefill_layers}..{job.adapter.num_layers - 1} on {o.calib}")
     job.heads = fitted_heads.calibrate(job.adapter, job.loaded.tokenizer, job.calibration[0], [job.prefill_layers],
                                        o.calib_tokens or fitted_heads.DEFAULT_TOKENS, o.ridge,
-                                       sources.bos_for(job.loaded.tokenizer), o.calib)[job.prefill_layers]
+                                       sources.bos_for(job.loaded.tokenizer), o.calib, guard=o.guard,
+                                       say=job.progress)[job.prefill_layers]
+    gain = job.heads.calibration["gain"]
+    job.progress(f"fitted heads cut the pruned layers' K/V error by {gain['in_domain']:.0%} on held-out "
+                 f"calibration text and by {gain['out_of_domain']:.0%} on text unlike it")
+    if job.heads.calibration["warning"]:
+        print(f"pop-export: warning: {job.heads.calibration['warning']}", file=sys.stderr)
 
 
 def quantize_weights(job):

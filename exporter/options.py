@@ -28,6 +28,7 @@ class ExportOptions:
     calib: Path | str | None = None
     calib_tokens: int | None = None
     ridge: str | float = "auto"
+    guard: str = "samples"  # fitted heads: "samples", "off" or a text file (exporter/fitted_heads.py)
     weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
     weights_block: int = 32
     weights_compute: str = "fp32"  # or "int8", "int8-decode": where MatMulNBits takes int8 activations
@@ -39,7 +40,7 @@ class ExportOptions:
         from . import fitted_heads
         from .formats import format_for
         from .quantize import scheme_for
-        calib = fitted_heads.check_options(self.kv_heads, self.calib, self.calib_tokens, self.ridge)
+        calib = fitted_heads.check_options(self.kv_heads, self.calib, self.calib_tokens, self.ridge, self.guard)
         fmt = format_for(self.format)
         if self.graph_form is not None and self.graph_form not in fmt.forms:
             raise PopError(f"--format {self.format} writes the {' or '.join(fmt.forms)} graph form, not "

@@ -70,14 +70,14 @@ def kv_error_panel(ax, fitted, num_layers):
 
 
 def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=32, seed=0, budget=0.05,
-            progress=print, kv_heads="original", calib_tokens=None, ridge="auto"):
+            progress=print, kv_heads="original", calib_tokens=None, ridge="auto", guard="samples"):
     """kv_heads="fitted" also fits KV heads on the same text at the recommended and the default K
     (exporter/fitted_heads.py) and reports each pruned layer's held-out K/V error with and without them."""
     from pop.exporter import fitted_heads
     if kv_heads not in ("original", "fitted"):
         raise PopError(f"--kv-heads must be original or fitted, got {kv_heads!r}")
     if kv_heads == "fitted":
-        fitted_heads.check_options("fitted", data_path, calib_tokens, ridge)
+        fitted_heads.check_options("fitted", data_path, calib_tokens, ridge, guard)
     text, data_sha = sources.read_text(data_path)
     progress(f"loading {model}")
     loaded = sources.load(model, progress=progress)
@@ -110,7 +110,8 @@ def analyze(model, data_path, samples=32, out=None, prompt_len=128, new_tokens=3
             progress(f"fitting KV heads at K = {', '.join(map(str, keeps))} on the same text")
             fitted = fitted_heads.calibrate(adapter, loaded.tokenizer, text, keeps,
                                             calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge,
-                                            sources.bos_for(loaded.tokenizer), data_path)
+                                            sources.bos_for(loaded.tokenizer), data_path, guard=guard,
+                                            say=progress)
             report["kv_heads"] = {"kind": "fitted", "calibration": next(iter(fitted.values())).calibration,
                                   "layers": {k: h.layers for k, h in fitted.items()}}
     out = Path(out) if out else Path("artifacts") / f"analyze-{loaded.name}"

@@ -51,6 +51,11 @@ def recommend(report, max_kl):
         out[heads] = None if k is None else {
             "prefill_layers": k, "pruned_layers": report["model"]["num_layers"] - k, "worst_kl": worst[k],
             "expected_ttft_speedup": row["expected_ttft_speedup"]}
+        if heads == "fitted" and k is not None:
+            # the data files may all be of the calibration's domain: say what the heads do outside it
+            calibration = report["calibration"]
+            out[heads]["out_of_domain_gain"] = calibration["gain"][k]["out_of_domain"]
+            out[heads]["risk"] = calibration["warning"][k]
     return out
 
 
@@ -68,7 +73,7 @@ def _model_spec(manifest):
 
 def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, prompt_len=128, continuation=32,
              greedy_tokens=16, progress=print, kv_heads=("original",), calib=None, calib_tokens=None, ridge="auto",
-             max_kl=None):
+             max_kl=None, guard="samples"):
     """kv_heads: "original" (the paper's POP) and/or "fitted" (heads refitted on calib; exporter/fitted_heads.py).
     max_kl: add a recommendation, per kind of head, of the deepest pruning within that KL budget."""
     if (model is None) == (artifacts is None):
@@ -79,7 +84,7 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
         raise PopError(f"--max-kl must be positive, got {max_kl}")
     texts = [(p, *sources.read_text(p)) for p in data_paths]  # bad files fail before any model loads
     calib_text = fitted_heads.check_options("fitted" if "fitted" in kv_heads else "original", calib, calib_tokens,
-                                            ridge)
+                                            ridge, guard)
     session = None
     if artifacts:
         from pop.runtime.session import PopSession
@@ -102,10 +107,16 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
         pruned = [k for k in ks if k < n_layers]
         progress(f"fitting KV heads for K = {', '.join(map(str, sorted(pruned, reverse=True)))} on {calib}")
         fitted = fitted_heads.calibrate(adapter, loaded.tokenizer, calib_text[0], pruned,
-                                        calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge, bos, calib)
+                                        calib_tokens or fitted_heads.DEFAULT_TOKENS, ridge, bos, calib,
+                                        guard=guard, say=progress)
         first = next(iter(fitted.values()))
         calibration = {"file": str(calib), "sha256": calib_text[1], **first.calibration,
+                       "gain": {k: h.calibration["gain"] for k, h in fitted.items()},
+                       "warning": {k: h.calibration["warning"] for k, h in fitted.items()},
                        "layers": {k: h.layers for k, h in fitted.items()}}
+        for k, line in calibration["warning"].items():
+            if line:
+                progress(f"warning: K={k}: {line}")
     methods = standard_methods(n_layers, ks, default_k, fitted, original="original" in kv_heads)
     runner = Runner(loaded.model)
     report = {"model": {"name": loaded.name, "source": loaded.source, "num_layers": n_layers},
@@ -168,6 +179,16 @@ def markdown(report):
              f"compared with the full model on the same windows.\n"]
     for d in report["data"]:
         parts.append(fidelity.markdown(d["results"], f"{Path(d['path']).name} ({d['windows']} windows)"))
+    calibration = report.get("calibration")
+    if calibration:
+        guard = calibration["guard"]
+        parts.append(f"### Fitted heads in and out of the calibration domain\n\nReduction of the pruned layers' "
+                     f"K/V error against the original heads, on held-out calibration text and on text unlike it "
+                     f"({guard.get('file', guard['source'])}, unseen by the fit's choice); below 0 is worse.\n")
+        parts.append("| K | in domain | out of domain |\n|---|---|---|")
+        for k, g in sorted(calibration["gain"].items(), key=lambda kv: -int(kv[0])):
+            parts.append(f"| {k} | {g['in_domain']:+.0%} | {g['out_of_domain']:+.0%} |")
+        parts += [f"\n**Warning (K={k}):** {w}" for k, w in calibration["warning"].items() if w] + [""]
     rec = report.get("recommendation")
     if rec:
         parts.append(f"### Deepest pruning within KL <= {rec['max_kl']}\n")
@@ -178,7 +199,10 @@ def markdown(report):
                     "no evaluated K stays within the budget" if r is None else
                     f"K = {r['prefill_layers']} ({r['pruned_layers']} of {report['model']['num_layers']} layers "
                     f"pruned; worst KL {r['worst_kl']:.4f}; expected TTFT speedup {r['expected_ttft_speedup']:.2f}x "
-                    f"at {rec['speedup_prompt_len']} tokens)"))
+                    f"at {rec['speedup_prompt_len']} tokens)"
+                    + ("" if heads != "fitted" else f"; out of the calibration domain their K/V error "
+                       f"{'falls' if r['out_of_domain_gain'] >= 0 else 'rises'} by {abs(r['out_of_domain_gain']):.0%}"
+                       + (" - see the warning above" if r["risk"] else ""))))
         parts.append("")
     return "\n".join(parts)
 

@@ -61,6 +61,63 @@ def test_known_linear_relation_is_solved_exactly():
     assert math.isclose(fh.squared_error(st.zz["fit"], st.zy["fit"], st.yy["fit"], w), direct, rel_tol=1e-9)
 
 
+def _domains(agree, seed=0):
+    """Stats for one matrix: a calibration domain where the true K/V is Z (W + D)^T (POP's drift, which the fit
+    can learn) and a guard domain, with inputs in other directions, where it is Z (W + D)^T too (agree) or
+    Z W^T (the drift differs there: the calibration's correction is wrong outside its domain)."""
+    g = torch.Generator().manual_seed(seed)
+    d, o = 12, 4
+    w = torch.randn(o, d, generator=g, dtype=torch.float64)
+    drift = 0.3 * torch.randn(o, d, generator=g, dtype=torch.float64)
+    st = fh.Stats(d, o)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    spread = {"calib": torch.linspace(1.0, 0.05, d, dtype=torch.float64),
+              "guard": torch.linspace(0.05, 1.0, d, dtype=torch.float64)}  # the guard lives where calib is thin
+    for split, domain, n in (("fit", "calib", 800), ("held", "calib", 200), ("guard", "guard", 300),
+                             ("check", "guard", 300)):
+        z = (torch.randn(n, d, generator=g, dtype=torch.float64) * spread[domain]) @ basis.T
+        truth = w + drift if domain == "calib" or agree else w
+        y = z @ truth.T + 0.01 * torch.randn(n, o, generator=g, dtype=torch.float64)
+        st.add(split, z, y)
+    return st, w, drift
+
+
+def test_guard_keeps_the_original_heads_where_domains_disagree_and_the_check_warns():
+    st, w, drift = _domains(agree=False)
+    guarded, report = fh.fit_one(st, w, "auto", guarded=True)
+    assert torch.equal(guarded, w) and report["ridge"] == "inf"  # the correction would hurt the guard text
+    plain, plain_report = fh.fit_one(st, w, "auto", guarded=False)  # today's choice, on calibration text alone
+    assert (plain - w - drift).abs().max() < 0.05 and plain_report["heldout_rel_error"] < 0.1
+    assert plain_report["check_rel_error"] > 2 * plain_report["check_original_rel_error"]  # worse off-domain
+    layers = [{"index": 1, "key": plain_report, "value": plain_report}]
+    gain = fh.gains(layers)
+    assert gain["in_domain"] > 0.8 and gain["out_of_domain"] < -1
+    assert "above the original heads'" in fh.warning(gain, "model samples")
+    assert fh.warning(fh.gains([{"index": 1, "key": report, "value": report}]), "x") is None
+    # where the domains agree the guarded fit keeps the in-domain gain, and warns of nothing
+    st, w, drift = _domains(agree=True)
+    agreed, report = fh.fit_one(st, w, "auto", guarded=True)
+    assert (agreed - w - drift).abs().max() < 0.05 and report["check_rel_error"] < report["check_original_rel_error"]
+    gain = fh.gains([{"index": 1, "key": report, "value": report}])
+    assert gain["in_domain"] > 0.8 and gain["out_of_domain"] > 0.8 and fh.warning(gain, "x") is None
+
+
+def test_calibration_samples_the_model_for_its_guard():
+    model, tok, _ = tiny.build("tiny-llama")
+    heads = _calibrate(model, tok)
+    record = heads.calibration["guard"]
+    assert record["source"] == "model samples" and record["used_in_choice"] and record["tokens"] == fh.GUARD_TOKENS
+    gain = heads.calibration["gain"]
+    assert -1 < gain["out_of_domain"] <= 1 and 0 <= gain["in_domain"] <= 1
+    assert all("check_rel_error" in row[kind] for row in heads.layers for kind in fh.KINDS)
+    # the samples are the same on every call (seeded), and leave the caller's random state alone
+    state = torch.random.get_rng_state()
+    a = fh.model_samples(adapter_for(model), tok, 2 * fh.CHUNK, tok.bos_token_id)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert a == fh.model_samples(adapter_for(model), tok, 2 * fh.CHUNK, tok.bos_token_id)
+    assert len(a) == 2 and all(len(s) == fh.CHUNK for s in a)
+
+
 def test_growing_ridge_returns_to_the_original_heads_and_pop_is_unchanged():
     model, tok, _ = tiny.build("tiny-qwen3")  # k-norm after the fitted projection
     stats = fh.collect(adapter_for(model), fh.calibration_chunks(CALIB, tok, 10 ** 6, 1), [KEEP], progress=False)
@@ -131,7 +188,9 @@ def test_bad_options_fail_before_loading(tmp_path, capsys):
              (("--kv-heads", "fitted", "--calib", good, "--ridge", "-1"), "--ridge must be"),
              (("--kv-heads", "fitted", "--calib", good, "--ridge", "lots"), "--ridge must be"),
              (("--kv-heads", "fitted", "--calib", good, "--calib-tokens", "10"), "--calib-tokens must be"),
-             (("--kv-heads", "fitted", "--calib", good, "--prefill-layers", "6"), "needs pruned layers")]
+             (("--kv-heads", "fitted", "--calib", good, "--prefill-layers", "6"), "needs pruned layers"),
+             (("--kv-heads", "fitted", "--calib", good, "--guard", tmp_path / "nope.txt"), "does not exist"),
+             (("--guard", "off"), "--guard is only used with --kv-heads fitted")]
     for i, (args, needle) in enumerate(cases):
         run = (in_process if i else partial(cli, "pop-export"))("--model", "tiny-llama", "--out", tmp_path / "o", *args)
         lines = run.stderr.strip().splitlines()
@@ -193,6 +252,9 @@ def test_fitted_export_manifest_and_verification(fitted_export):
     assert section["kind"] == "fitted" and section["graph"] == "prefill"
     assert section["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
     assert 0 < section["calibration"]["heldout_tokens"] < section["calibration"]["tokens"]
+    assert section["calibration"]["guard"]["source"] == "model samples"
+    gain = section["calibration"]["gain"]
+    assert gain["in_domain"] >= 0 and (section["calibration"]["warning"] is None) == (gain["out_of_domain"] >= 0)
     assert [r["index"] for r in section["layers"]] == list(range(EXPORT_K, 6))
     for row in section["layers"]:
         for kind in fh.KINDS:
@@ -282,6 +344,9 @@ def test_eval_runs_fitted_heads_like_the_reference_and_recommends_within_budget(
         within = [k for k, kl in kls.items() if kl <= 0.02]
         assert (rec[heads_kind] or {}).get("prefill_layers") == (min(within) if within else None)
     assert report["calibration"]["sha256"] and set(report["calibration"]["layers"]) == {5, 4, 3}
+    assert set(report["calibration"]["gain"]) == set(report["calibration"]["warning"]) == {5, 4, 3}
+    assert rec["fitted"] is None or rec["fitted"]["out_of_domain_gain"] == \
+        report["calibration"]["gain"][rec["fitted"]["prefill_layers"]]["out_of_domain"]
     # bad options are one-line errors before any model loads
     for kwargs, needle in (({"kv_heads": ["fitted"]}, "needs calibration text"),
                            ({"calib": calib}, "only used with --kv-heads fitted"),
@@ -311,6 +376,7 @@ def test_cli_eval_and_analyze_fitted(tmp_path):
               "--calib", text, "--max-kl", 0.5, "--out", tmp_path / "e")
     assert run.returncode == 0, run.stderr
     assert "POP K=4, fitted heads" in run.stdout and "Deepest pruning within KL <= 0.5" in run.stdout
+    assert "Fitted heads in and out of the calibration domain" in run.stdout
     assert (tmp_path / "e" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     run = cli("pop-analyze", "--model", "tiny-gemma3", "--data", text, "--samples", 2, "--prompt-len", 16,
               "--new-tokens", 4, "--kv-heads", "fitted", "--out", tmp_path / "a")
