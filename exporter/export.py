@@ -125,9 +125,7 @@ def fit_heads(job):
                                        o.calib_tokens or fitted_heads.DEFAULT_TOKENS, o.ridge,
                                        sources.bos_for(job.loaded.tokenizer), o.calib, guard=o.guard,
                                        say=job.progress)[job.prefill_layers]
-    gain = job.heads.calibration["gain"]
-    job.progress(f"fitted heads cut the pruned layers' K/V error by {gain['in_domain']:.0%} on held-out "
-                 f"calibration text and by {gain['out_of_domain']:.0%} on text unlike it")
+    job.progress(fitted_heads.gain_line(job.heads.calibration["gain"]))
     if job.heads.calibration["warning"]:
         print(f"pop-export: warning: {job.heads.calibration['warning']}", file=sys.stderr)
 

@@ -269,6 +269,14 @@ def gains(layers):
             "out_of_domain": gain("check_rel_error", "check_original_rel_error")}
 
 
+def gain_line(gain):
+    """The gains in one line, for progress output."""
+    def change(g):
+        return f"{'-' if g >= 0 else '+'}{abs(g):.0%}"
+    return (f"fitted heads change the pruned layers' K/V error by {change(gain['in_domain'])} on held-out "
+            f"calibration text and by {change(gain['out_of_domain'])} on text unlike it (against the original heads)")
+
+
 def warning(gain, guard_name):
     """One line when the fitted heads lose to the original ones outside the calibration domain, else None."""
     ood = gain.get("out_of_domain")

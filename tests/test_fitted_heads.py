@@ -93,6 +93,8 @@ def test_guard_keeps_the_original_heads_where_domains_disagree_and_the_check_war
     gain = fh.gains(layers)
     assert gain["in_domain"] > 0.8 and gain["out_of_domain"] < -1
     assert "above the original heads'" in fh.warning(gain, "model samples")
+    assert fh.gain_line(gain).startswith(f"fitted heads change the pruned layers' K/V error by -{gain['in_domain']:.0%}")
+    assert f"by +{-gain['out_of_domain']:.0%} on text unlike it" in fh.gain_line(gain)
     assert fh.warning(fh.gains([{"index": 1, "key": report, "value": report}]), "x") is None
     # where the domains agree the guarded fit keeps the in-domain gain, and warns of nothing
     st, w, drift = _domains(agree=True)
