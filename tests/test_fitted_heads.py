@@ -120,6 +120,16 @@ def test_calibration_samples_the_model_for_its_guard():
     assert len(a) == 2 and all(len(s) == fh.CHUNK for s in a)
 
 
+def test_a_guard_file_is_chunked_like_calibration_text(tmp_path):
+    model, tok, _ = tiny.build("tiny-llama")
+    path = tmp_path / "other.txt"
+    path.write_text(HELD * 20)
+    chunks, record = fh.guard_chunks(adapter_for(model), tok, str(path), tok.bos_token_id, 4 * fh.CHUNK)
+    assert record["source"] == "file" and record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(chunks) == 4 and record["tokens"] == 4 * fh.CHUNK and record["used_in_choice"]
+    assert chunks[0][1:] == tok(HELD * 20, add_special_tokens=False).input_ids[:fh.CHUNK - 1]
+
+
 def test_growing_ridge_returns_to_the_original_heads_and_pop_is_unchanged():
     model, tok, _ = tiny.build("tiny-qwen3")  # k-norm after the fitted projection
     stats = fh.collect(adapter_for(model), fh.calibration_chunks(CALIB, tok, 10 ** 6, 1), [KEEP], progress=False)
