@@ -197,7 +197,8 @@ def plot(path, report):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     doms = report["domains"]
-    fig, axes = plt.subplots(len(report["ks"]), 2, figsize=(9, 4 * len(report["ks"])), squeeze=False)
+    fig, axes = plt.subplots(len(report["ks"]), 2, figsize=(10, 4.6 * len(report["ks"])), squeeze=False)
+    fig.subplots_adjust(hspace=0.45)
     for row, k in zip(axes, report["ks"]):
         for ax, name in zip(row, HEADS[1:]):
             m = np.array([[math.log2(next(x for x in report["cells"] if x["K"] == k and x["calib"] == c
@@ -211,7 +212,8 @@ def plot(path, report):
             ax.set_xticks(range(len(doms)), doms)
             ax.set_yticks(range(len(doms)), doms)
             ax.set_xlabel("evaluated on")
-            ax.set_ylabel("calibrated on")
+            if ax is row[0]:
+                ax.set_ylabel("calibrated on")
             ax.set_title(f"K={k}: {name}\nKL / original heads' KL", fontsize=9)
         fig.colorbar(im, ax=row.tolist(), label="log2 KL ratio")
     fig.suptitle(f"{report['model']}: fitted heads across domains")
@@ -227,7 +229,13 @@ def main():
     p.add_argument("--calib-tokens", type=int, default=fh.DEFAULT_TOKENS)
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    p.add_argument("--replot", metavar="JSON", help="only redraw the .md and .png of an earlier run's JSON")
     a = p.parse_args()
+    if a.replot:
+        report = json.loads(Path(a.replot).read_text())
+        Path(a.replot).with_suffix(".md").write_text(markdown(report))
+        plot(Path(a.replot).with_suffix(".png"), report)
+        return
     torch.set_grad_enabled(False)
     run(a.model, Path(a.out), a.samples, a.calib_tokens, a.resamples, a.domains)
 
