@@ -16,7 +16,9 @@ def parser():
                                                              "full model on real text.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="as for pop-export")
-    src.add_argument("--artifacts", help="a pop-export folder: its graphs are evaluated through the runtime too")
+    src.add_argument("--artifacts", action="append",
+                     help="a pop-export folder: its graphs are evaluated through the runtime too (repeatable: "
+                          "exports of one model, say in fp32, int8 and int4, side by side on the same windows)")
     p.add_argument("--data", required=True, action="append", help="a UTF-8 text file (repeatable)")
     p.add_argument("--prefill-layers", type=int, nargs="+", metavar="K",
                    help="POP variants to compare (default: pruning 20, 25, 33, 40 and 50%% of the layers)")

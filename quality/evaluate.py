@@ -71,13 +71,31 @@ def _model_spec(manifest):
     return spec
 
 
+def _tags(session):
+    """(full mode's, POP's) row tags that tell one export from another: its weights (and the graphs where
+    they take int8 activations), its fitted heads."""
+    m = session.manifest
+    q = m.weights.quantization
+    weights = ""
+    if q:
+        int8 = sorted(g for g, level in q.accuracy_level.items() if level == 4)
+        weights = f", {q.scheme} weights" + (f" (int8 activations: {' and '.join(int8)})" if int8 else "")
+    fitted = ", fitted heads" if m.kv_heads and m.kv_heads.kind == "fitted" else ""
+    return weights, f"{fitted}{weights}"
+
+
 def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, prompt_len=128, continuation=32,
              greedy_tokens=16, progress=print, kv_heads=("original",), calib=None, calib_tokens=None, ridge="auto",
              max_kl=None, guard="samples"):
-    """kv_heads: "original" (the paper's POP) and/or "fitted" (heads refitted on calib; exporter/fitted_heads.py).
+    """artifacts: one pop-export folder or several of the same model (say fp32, int8 and int4 exports), each
+    evaluated through the runtime beside the PyTorch methods, on the same windows.
+    kv_heads: "original" (the paper's POP) and/or "fitted" (heads refitted on calib; exporter/fitted_heads.py).
     max_kl: add a recommendation, per kind of head, of the deepest pruning within that KL budget."""
-    if (model is None) == (artifacts is None):
+    if (model is None) == (not artifacts):
         raise PopError("give --model or --artifacts")
+    folders = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts or ())
+    if len({Path(f).resolve() for f in folders}) < len(folders):
+        raise PopError("an --artifacts folder is given twice")
     if not kv_heads or set(kv_heads) - set(HEAD_KINDS):
         raise PopError(f"--kv-heads takes original and/or fitted, got {' '.join(kv_heads or ())}")
     if max_kl is not None and not max_kl > 0:
@@ -85,11 +103,15 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
     texts = [(p, *sources.read_text(p)) for p in data_paths]  # bad files fail before any model loads
     calib_text = fitted_heads.check_options("fitted" if "fitted" in kv_heads else "original", calib, calib_tokens,
                                             ridge, guard)
-    session = None
-    if artifacts:
+    sessions = []
+    if folders:
         from pop.runtime.session import PopSession
-        session = PopSession.load(artifacts)
-        model = _model_spec(session.manifest)
+        sessions = [PopSession.load(f) for f in folders]
+        specs = {_model_spec(s.manifest) for s in sessions}
+        if len(specs) > 1:
+            raise PopError(f"the --artifacts folders come from different models ({', '.join(sorted(specs))}): "
+                           f"evaluate each model on its own")
+        model = specs.pop()
     progress(f"loading {model}")
     loaded = sources.load(model, progress=progress)
     adapter = adapter_for(loaded.model)
@@ -126,14 +148,17 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                            "speedup": f"expected TTFT speedup at {SPEEDUP_PROMPT_LEN} prompt tokens, FLOP cost "
                                       f"model (bench/cost.py)"},
               "calibration": calibration, "artifacts": None, "data": []}
-    if session:
-        report["artifacts"] = {"path": str(artifacts), "prefill_layers": session.manifest.pop.prefill_layers}
+    tags = [_tags(s) for s in sessions]
+    if len(set(tags)) < len(tags):  # two exports alike in weights and heads: their folders tell them apart
+        tags = [(f"{a} [{Path(f).name}]", f"{b} [{Path(f).name}]") for (a, b), f in zip(tags, folders)]
+    report["artifacts"] = [{"path": str(f), "prefill_layers": s.manifest.pop.prefill_layers, "tags": list(t)}
+                           for f, s, t in zip(folders, sessions, tags)] or None
     started = time.perf_counter()
     for path, text, sha in texts:
         windows = data.windows(text, loaded.tokenizer, prompt_len, continuation, samples, bos, path)
         rows = {m.name: [] for m in methods}
-        runtime_rows = {"full": [], "pop": []}
-        steps = len(windows) * (len(methods) + (2 if session else 0))
+        runtime_rows = [{"full": [], "pop": []} for _ in sessions]
+        steps = len(windows) * (len(methods) + 2 * len(sessions))
         bar = tqdm(total=steps, desc=f"pop-eval: {Path(path).name}", unit="run", file=sys.stderr)
         for prompt, cont in windows:
             full = runner.run(methods[0], prompt, cont, greedy_tokens)
@@ -141,30 +166,24 @@ def evaluate(model=None, artifacts=None, data_paths=(), ks=None, samples=24, pro
                 outcome = full if m is methods[0] else runner.run(m, prompt, cont, greedy_tokens)
                 rows[m.name].append(fidelity.compare(full, outcome))
                 bar.update(1)
-            if session:
-                for mode in runtime_rows:
+            for session, by_mode in zip(sessions, runtime_rows):
+                for mode in by_mode:
                     outcome = RuntimeRunner(session).run(mode, prompt, cont, greedy_tokens)
-                    runtime_rows[mode].append(fidelity.compare(full, outcome))
+                    by_mode[mode].append(fidelity.compare(full, outcome))
                     bar.update(1)
         bar.close()
         config = loaded.model.config.get_text_config()
         results = [{"method": m.name, "prefill_layers": m.prefill_layers, "kind": m.kind,
                     "expected_ttft_speedup": expected_speedup(config, m.prefill_layers),
                     **fidelity.summarize(rows[m.name])} for m in methods]
-        if session:
+        for session, by_mode, (full_tag, pop_tag) in zip(sessions, runtime_rows, tags):
             k = session.manifest.pop.prefill_layers
-            fitted_tag = ", fitted heads" if session.manifest.kv_heads and session.manifest.kv_heads.kind == "fitted" \
-                else ""
-            q = session.manifest.weights.quantization
-            weights_tag = f", {q.scheme} weights" if q else ""
-            results += [{"method": f"exported graphs, pop runtime, full mode{weights_tag}",
-                         "prefill_layers": n_layers,
+            results += [{"method": f"exported graphs, pop runtime, full mode{full_tag}", "prefill_layers": n_layers,
                          "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, n_layers),
-                         **fidelity.summarize(runtime_rows["full"])},
-                        {"method": f"exported graphs, pop runtime, POP K={k}{fitted_tag}{weights_tag}",
-                         "prefill_layers": k,
+                         **fidelity.summarize(by_mode["full"])},
+                        {"method": f"exported graphs, pop runtime, POP K={k}{pop_tag}", "prefill_layers": k,
                          "kind": "runtime", "expected_ttft_speedup": expected_speedup(config, k),
-                         **fidelity.summarize(runtime_rows["pop"])}]
+                         **fidelity.summarize(by_mode["pop"])}]
         report["data"].append({"path": str(path), "sha256": sha, "windows": len(windows), "results": results})
     report["seconds"] = time.perf_counter() - started
     if max_kl is not None:

@@ -1,5 +1,6 @@
 """pop-analyze and pop-eval: importance, ablations, metrics, and their bad inputs."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from pop.exporter.families import adapter_for
 from pop.quality import data, fidelity, importance
 from pop.quality.evaluate import evaluate
 from pop.quality.methods import Method, Runner, standard_methods
+from pop.runtime.errors import PopError
 
 from conftest import EXCERPTS, cli
 
@@ -151,6 +153,31 @@ def test_eval_on_exported_graphs_matches_pytorch(exports, tmp_path):
         assert runtime_pop[key] == rows["POP K=4"][key] and runtime_full[key] == rows["full"][key]
     assert abs(runtime_pop["perplexity"] - rows["POP K=4"]["perplexity"]) < 1e-3 * rows["POP K=4"]["perplexity"]
     assert runtime_full["kl_full_to_method"] < 1e-6
+
+
+def test_eval_sets_several_exports_side_by_side(exports, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    fp32, int4 = exports("tiny-llama"), exports("tiny-llama", weights="int4")
+    report = evaluate(artifacts=[fp32, int4], data_paths=[text], ks=[4], samples=3, prompt_len=20, continuation=6,
+                      greedy_tokens=5, progress=lambda m: None)
+    rows = {r["method"]: r for r in report["data"][0]["results"]}
+    assert [a["tags"] for a in report["artifacts"]] == [["", ""], [", int4 weights", ", int4 weights"]]
+    # the fp32 export is the PyTorch model; the int4 one is not, and its row says so
+    assert rows["exported graphs, pop runtime, full mode"]["kl_full_to_method"] < 1e-6
+    assert rows["exported graphs, pop runtime, full mode, int4 weights"]["kl_full_to_method"] > 1e-4
+    assert rows["exported graphs, pop runtime, POP K=4, int4 weights"]["perplexity"] > 0
+    # two exports alike: their rows are told apart by folder; one folder twice is refused
+    copy = shutil.copytree(fp32, tmp_path / "copy")
+    twice = evaluate(artifacts=[fp32, copy], data_paths=[text], ks=[4], samples=1, prompt_len=20, continuation=2,
+                     greedy_tokens=2, progress=lambda m: None)
+    names = [r["method"] for r in twice["data"][0]["results"] if r["kind"] == "runtime"]
+    assert len(set(names)) == 4 and sum(f"[{fp32.name}]" in n for n in names) == sum("[copy]" in n for n in names) == 2
+    with pytest.raises(PopError, match="given twice"):
+        evaluate(artifacts=[fp32, fp32], data_paths=[text], ks=[4], samples=1, progress=lambda m: None)
+    with pytest.raises(PopError, match="different models"):
+        evaluate(artifacts=[fp32, exports("tiny-gemma3")], data_paths=[text], ks=[4], samples=1,
+                 progress=lambda m: None)
 
 
 def test_cli_bad_input(tmp_path):
