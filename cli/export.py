@@ -45,6 +45,12 @@ def parser():
                    help="quantized products in fp32 (default; verified exactly), or with int8 activations in both "
                         "graphs (int8) or in the decode graph only (int8-decode): MatMulNBits accuracy_level 4, "
                         "faster decode steps; its error is measured and recorded")
+    p.add_argument("--weights-asymmetric", action="store_true",
+                   help="a zero point per block besides its scale: each block's range uses every code (default: "
+                        "symmetric, no zero points)")
+    p.add_argument("--keep-embedding", action="store_true",
+                   help="with --weights int8/int4: keep the output matrix, and a tied embedding with it, in float32 "
+                        "(a bigger folder and a slower last product, for exact logits' projection)")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="prompt + generated tokens the KV buffer holds "
                                                                 "(default min(4096, the model's limit))")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of TensorRT profiles (default 8)")
@@ -67,7 +73,8 @@ def options(argv) -> ExportOptions:
         prefill_layers=args.prefill_layers, prune_ratio=args.prune_ratio, dtype=args.dtype,
         max_seq_len=args.max_seq_len, max_batch=args.max_batch, tf32=args.tf32, threads=args.threads,
         skip_verify=args.skip_verify, weights=args.weights, weights_block=args.weights_block,
-        weights_compute=args.weights_compute,
+        weights_compute=args.weights_compute, weights_asymmetric=args.weights_asymmetric,
+        keep_embedding=args.keep_embedding,
         kv_heads=args.kv_heads, calib=args.calib, calib_tokens=args.calib_tokens, ridge=args.ridge,
         guard=args.guard, command=shlex.join(["pop-export", *argv]))
 

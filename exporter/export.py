@@ -134,12 +134,13 @@ def quantize_weights(job):
     """--weights int8/int4: the text matrices onto the quantization grid, in place, before tracing, so that
     the graphs (which store them quantized) and the reference verification runs hold the same weights."""
     o = job.options
-    job.scheme = quantize.scheme_for(o.weights, o.weights_block, o.weights_compute)
-    if job.scheme is None:
+    job.scheme = s = o.scheme()
+    if s is None:
         return
-    count, values = quantize.fake_quantize(quantize.text_modules(job.adapter, job.heads), job.scheme)
-    job.progress(f"{o.weights} weights: {count} matrices ({values / 1e6:.1f} M values) rounded to {job.scheme.bits} "
-                 f"bits in blocks of {job.scheme.block}")
+    count, values = quantize.fake_quantize(quantize.text_modules(job.adapter, job.heads, s.keep_embedding), s)
+    job.progress(f"{o.weights} weights: {count} matrices ({values / 1e6:.1f} M values) rounded to {s.bits} bits in "
+                 f"blocks of {s.block}, {'symmetric' if s.symmetric else 'with zero points'}"
+                 + ("; the output matrix and embedding kept in float32" if s.keep_embedding else ""))
 
 
 def int8_compute(job, manifest):

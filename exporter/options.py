@@ -32,6 +32,8 @@ class ExportOptions:
     weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
     weights_block: int = 32
     weights_compute: str = "fp32"  # or "int8", "int8-decode": where MatMulNBits takes int8 activations
+    weights_asymmetric: bool = False  # a zero point per block
+    keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in float32
     command: str | None = None  # as typed, for the manifest's provenance
 
     def check(self):
@@ -39,7 +41,6 @@ class ExportOptions:
         Returns the calibration text and its sha256 for fitted heads, else None."""
         from . import fitted_heads
         from .formats import format_for
-        from .quantize import scheme_for
         calib = fitted_heads.check_options(self.kv_heads, self.calib, self.calib_tokens, self.ridge, self.guard)
         fmt = format_for(self.format)
         if self.graph_form is not None and self.graph_form not in fmt.forms:
@@ -48,9 +49,12 @@ class ExportOptions:
                                                    if self.format == "trt" else ""))
         if self.dtype not in DTYPES:
             raise PopError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if scheme_for(self.weights, self.weights_block, self.weights_compute) is None:
-            if self.weights_compute != "fp32":
-                raise PopError("--weights-compute is for quantized weights: add --weights int8 or int4")
+        if self.scheme() is None:
+            extra = [flag for flag, on in (("--weights-compute", self.weights_compute != "fp32"),
+                                           ("--weights-asymmetric", self.weights_asymmetric),
+                                           ("--keep-embedding", self.keep_embedding)) if on]
+            if extra:
+                raise PopError(f"{extra[0]} is for quantized weights: add --weights int8 or int4")
         else:
             if self.format != "onnx" or (self.graph_form or fmt.default_form) != "fused":
                 raise PopError(f"--weights {self.weights} needs ONNX Runtime's MatMulNBits: --format onnx with the "
@@ -67,6 +71,12 @@ class ExportOptions:
             raise PopError("bf16 graphs cannot run on ONNX Runtime's CPU provider, so they cannot be verified here; "
                            "use fp32 or fp16, or add --skip-verify to write them for a GPU backend")
         return calib
+
+    def scheme(self):
+        """The quantization scheme of --weights and its options (exporter/quantize.py), or None for fp32."""
+        from .quantize import scheme_for
+        return scheme_for(self.weights, self.weights_block, self.weights_compute, not self.weights_asymmetric,
+                          self.keep_embedding)
 
     @property
     def torch_dtype(self) -> str:

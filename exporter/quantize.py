@@ -1,4 +1,4 @@
-"""Weight-only block quantization (round to nearest, symmetric) for the ONNX Runtime graphs.
+"""Weight-only block quantization (round to nearest, symmetric or with zero points) for the ONNX Runtime graphs.
 
 One grid, used twice:
 
@@ -14,8 +14,11 @@ One grid, used twice:
 
 Layout (ONNX Runtime's contrib operators, uint8 form): a [K, N] weight is stored as its transpose,
 N rows of K values cut into blocks of `block` along K; 4-bit values are packed two to a byte, the
-first in the low nibble; each block has one float scale; with no zero-point input the zero point is
-2^(bits-1), so a value q stored as u reads (u - 2^(bits-1)) * scale.
+first in the low nibble; each block has one float scale.  Symmetric (the default): no zero-point input,
+the zero point is 2^(bits-1), so a value q stored as u reads (u - 2^(bits-1)) * scale.  Asymmetric: each
+block also has its own zero point z (packed like the values, one row's blocks together), u reads
+(u - z) * scale, and the block's range [min, max] (stretched to hold 0) spans all 2^bits codes, so a block
+of skewed values loses less to rounding.
 """
 from dataclasses import dataclass
 
@@ -40,6 +43,8 @@ class Scheme:
     bits: int
     block: int = 32
     int8_graphs: tuple = ()  # graphs switched to int8 activations after they verified with fp32 products
+    symmetric: bool = True  # False: a zero point per block (MatMulNBits' and GatherBlockQuantized's zero_points)
+    keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in float32
 
     @property
     def qmax(self):
@@ -49,15 +54,20 @@ class Scheme:
     def zero(self):
         return 2 ** (self.bits - 1)
 
+    @property
+    def levels(self):
+        return 2 ** self.bits - 1
 
-def scheme_for(weights: str, block: int = 32, compute: str = "fp32"):
+
+def scheme_for(weights: str, block: int = 32, compute: str = "fp32", symmetric: bool = True,
+               keep_embedding: bool = False):
     if weights not in WEIGHTS:
         raise PopError(f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}")
     if block not in (16, 32, 64, 128, 256):
         raise PopError(f"--weights-block must be 16, 32, 64, 128 or 256, got {block}")
     if compute not in COMPUTE:
         raise PopError(f"--weights-compute takes {' or '.join(COMPUTE)}, got {compute!r}")
-    return None if weights == "fp32" else Scheme(BITS[weights], block, COMPUTE[compute])
+    return None if weights == "fp32" else Scheme(BITS[weights], block, COMPUTE[compute], symmetric, keep_embedding)
 
 
 def set_accuracy_level(path, level):
@@ -75,20 +85,30 @@ def set_accuracy_level(path, level):
 # --- the grid, in numpy (what the graphs store) --------------------------------------------------
 
 def quantize(rows: np.ndarray, s: Scheme):
-    """rows [N, K] float32 -> (codes [N, nb, block] uint8, scales [N, nb] float32); K padded with zeros."""
+    """rows [N, K] float32 -> (codes [N, nb, block] uint8, scales [N, nb] float32, zero points [N, nb] uint8);
+    K padded with zeros.  Symmetric: every zero point is 2^(bits-1)."""
     n, k = rows.shape
     nb = -(-k // s.block)
     padded = np.zeros((n, nb * s.block), np.float32)
     padded[:, :k] = rows
     blocks = padded.reshape(n, nb, s.block)
-    scales = (np.abs(blocks).max(-1) / np.float32(s.qmax)).astype(np.float32)
+    if s.symmetric:
+        scales = (np.abs(blocks).max(-1) / np.float32(s.qmax)).astype(np.float32)
+        zeros = np.full(scales.shape, s.zero, np.float32)
+        low, high = -s.qmax - 1 + s.zero, s.qmax + s.zero
+    else:
+        # the range holds 0 so that a zero weight (and the padding) stays exactly 0
+        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scales = ((hi - lo) / np.float32(s.levels)).astype(np.float32)
+        zeros = np.clip(np.rint(-lo / np.where(scales > 0, scales, np.float32(1))), 0, s.levels)
+        low, high = 0, s.levels
     safe = np.where(scales > 0, scales, np.float32(1))
-    codes = np.clip(np.rint(blocks / safe[..., None]), -s.qmax - 1, s.qmax) + s.zero
-    return codes.astype(np.uint8), scales
+    codes = np.clip(np.rint(blocks / safe[..., None]) + zeros[..., None], low, high)
+    return codes.astype(np.uint8), scales, zeros.astype(np.uint8)
 
 
-def dequantize(codes, scales, k, s: Scheme):
-    rows = (codes.astype(np.float32) - s.zero) * scales[..., None]
+def dequantize(codes, scales, zeros, k):
+    rows = (codes.astype(np.float32) - zeros[..., None].astype(np.float32)) * scales[..., None]
     return rows.reshape(rows.shape[0], -1)[:, :k]
 
 
@@ -99,12 +119,22 @@ def pack(codes: np.ndarray, s: Scheme):
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
+def pack_zeros(zeros: np.ndarray, s: Scheme):
+    """[N, nb] zero points -> [N, ceil(nb * bits / 8)] bytes: 4 bits two per byte, low nibble first, each
+    row padded to whole bytes (the layout of MatMulNBits' and GatherBlockQuantized's zero_points)."""
+    if s.bits == 8:
+        return zeros
+    if zeros.shape[1] % 2:
+        zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)
+    return (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+
+
 def on_grid(rows, s: Scheme):
-    """(codes, scales) when `rows` [N, K] is reproduced by its own requantization, else None."""
-    codes, scales = quantize(rows, s)
-    back = dequantize(codes, scales, rows.shape[1], s)
+    """(codes, scales, zeros) when `rows` [N, K] is reproduced by its own requantization, else None."""
+    codes, scales, zeros = quantize(rows, s)
+    back = dequantize(codes, scales, zeros, rows.shape[1])
     # a requantized scale can differ from the one that made the grid by an ulp
-    return (codes, scales) if np.allclose(back, rows, rtol=1e-6, atol=0) else None
+    return (codes, scales, zeros) if np.allclose(back, rows, rtol=1e-6, atol=0) else None
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -122,16 +152,16 @@ def fake_quantize(modules, s: Scheme):
                 if id(w) in seen:
                     continue
                 seen.add(id(w))
-                codes, scales = quantize(w.detach().float().numpy(), s)
-                w.copy_(torch.from_numpy(dequantize(codes, scales, w.shape[1], s)).to(w.dtype))
+                codes, scales, zeros = quantize(w.detach().float().numpy(), s)
+                w.copy_(torch.from_numpy(dequantize(codes, scales, zeros, w.shape[1])).to(w.dtype))
                 count, values = count + 1, values + w.numel()
     return count, values
 
 
-def text_modules(adapter, heads=None):
-    """The modules whose Linear weights are quantized: the decoder layers, the output matrix, fitted heads.
-    Vision towers keep their precision."""
-    out = [adapter.layers, adapter.hf.lm_head]
+def text_modules(adapter, heads=None, keep_embedding=False):
+    """The modules whose Linear weights are quantized: the decoder layers, the output matrix (unless kept in
+    float32, and with it a tied embedding), fitted heads.  Vision towers keep their precision."""
+    out = [adapter.layers] + ([] if keep_embedding else [adapter.hf.lm_head])
     return out + ([heads] if heads is not None else [])
 
 
@@ -143,10 +173,10 @@ def rewrite(model, s: Scheme):
     import onnx_ir as ir
     graph = model.graph
     made = {"matmuls": 0, "gathers": 0}
-    cache = {}  # (initializer name, transposed) -> (packed, scales) or None
+    cache = {}  # (initializer name, transposed) -> (packed, scales, packed zero points) or None
 
     def grid(value, transposed):
-        """(packed, scales) of an initializer's rows ([N, K]: its transpose when `transposed`), or None."""
+        """(packed, scales, zeros) of an initializer's rows ([N, K]: its transpose when `transposed`), or None."""
         key = (value.name, transposed)
         if key not in cache:
             array = value.const_value.numpy() if value.const_value is not None else None
@@ -154,7 +184,7 @@ def rewrite(model, s: Scheme):
             if array is not None and array.dtype == np.float32 and array.ndim == 2 and min(array.shape) >= s.block:
                 found = on_grid(np.ascontiguousarray(array.T) if transposed else array, s)
                 if found is not None:
-                    cache[key] = (pack(found[0], s), found[1])
+                    cache[key] = (pack(found[0], s), found[1], pack_zeros(found[2], s))
         return cache[key]
 
     def product(a, weight, transposed):
@@ -162,12 +192,13 @@ def rewrite(model, s: Scheme):
         q = grid(weight, transposed)
         if q is None:
             return None
-        packed, scales = q
+        packed, scales, zeros = q
         n, k = packed.shape[0], weight.const_value.shape[0 if transposed else 1]
         name = f"{weight.name}{'.T' if transposed else ''}"  # one weight read both ways packs two ways
         b = initializer(f"{name}.q{s.bits}", packed)
         sc = initializer(f"{name}.scales", scales.reshape(-1))
-        return ir.node("MatMulNBits", [a, b, sc], domain=MS, version=1,
+        zp = [] if s.symmetric else [initializer(f"{name}.zeros", zeros.reshape(-1))]
+        return ir.node("MatMulNBits", [a, b, sc, *zp], domain=MS, version=1,
                        attributes={"K": k, "N": n, "bits": s.bits, "block_size": s.block,
                                    "accuracy_level": 1})  # the verified form; export.py may change it after
 
@@ -201,13 +232,14 @@ def rewrite(model, s: Scheme):
             q = grid(table, transposed=False)
             if q is None:
                 continue
-            packed, scales = q
+            packed, scales, zeros = q
             v, d = table.const_value.shape
-            # the same bytes as the output product's weight and scales, in the shapes a gather takes:
-            # weights.bin stores them once (formats/onnx.py shares tensors by content)
+            # the same bytes as the output product's weight, scales and zero points, in the shapes a gather
+            # takes: weights.bin stores them once (formats/onnx.py shares tensors by content)
             data = initializer(f"{table.name}.q{s.bits}.rows", packed.reshape(v, d * s.bits // 8))
             sc = initializer(f"{table.name}.scales.rows", scales)
-            new = ir.node("GatherBlockQuantized", [data, node.inputs[1], sc], domain=MS, version=1,
+            zp = [] if s.symmetric else [initializer(f"{table.name}.zeros.rows", zeros)]
+            new = ir.node("GatherBlockQuantized", [data, node.inputs[1], sc, *zp], domain=MS, version=1,
                           attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": s.block,
                                       "bits": s.bits})
             made["gathers"] += 1

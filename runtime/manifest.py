@@ -139,13 +139,14 @@ class Quantization:
     scheme: str  # "int8" or "int4"
     bits: int
     block_size: int  # values per scale, along the input dimension
-    symmetric: bool  # no zero-point tensors: the zero point is 2^(bits-1)
+    symmetric: bool  # no zero-point tensors: the zero point is 2^(bits-1); else one per block
     accuracy_level: dict  # graph -> MatMulNBits' compute precision (1: fp32, 4: int8 activations)
     operators: dict  # graph -> {"MatMulNBits": n, "GatherBlockQuantized": n}
     embedding: str  # "quantized, shared with the output matrix" or "float32"
     # where a graph is at level 4: each check's max abs difference from the reference / its scale (the
     # graphs were verified at level 1 first)
     int8_compute_error: dict | None = None
+    output_matrix: str = "quantized"  # or "float32" (--keep-embedding; a tied embedding with it)
 
 
 @dataclass

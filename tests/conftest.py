@@ -58,16 +58,17 @@ def packed_copy_bytes(manifest):
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """exports(model, keep, form, weights) -> artifact folder, exported once per session (keep=None: the
-    default K; form=None: ONNX's default, the fused form; "plain": what --format trt writes, without
-    engines; weights: "fp32", "int8" or "int4")."""
+    """exports(model, keep, form, weights, **options) -> artifact folder, exported once per session (keep=None:
+    the default K; form=None: ONNX's default, the fused form; "plain": what --format trt writes, without
+    engines; weights: "fp32", "int8" or "int4"; options: more ExportOptions fields)."""
     made = {}
 
-    def get(model, keep=None, form=None, weights="fp32"):
-        key = (model, keep, form, weights)
+    def get(model, keep=None, form=None, weights="fp32", **options):
+        key = (model, keep, form, weights, *sorted(options.items()))
         if key not in made:
-            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}-{form}-{weights}"
-            export(ExportOptions(model, out, prefill_layers=keep, graph_form=form, weights=weights),
+            tag = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+            out = tmp_path_factory.mktemp("artifacts") / f"{model}-{keep}-{form}-{weights}{tag}"
+            export(ExportOptions(model, out, prefill_layers=keep, graph_form=form, weights=weights, **options),
                    progress=lambda m: None)
             made[key] = out
         return made[key]

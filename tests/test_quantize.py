@@ -24,32 +24,47 @@ def _run(node, inputs, initializers, out_shape):
     return ort.InferenceSession(m.SerializeToString()).run(None, {n: a for n, _, a in inputs})[0]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_layout_is_onnx_runtimes(bits):
-    """Our packing read by ONNX Runtime's kernels gives our dequantized matrix, for products and gathers;
-    K = 80 is not a multiple of the block, so the last block is padded."""
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (8, True), (4, False), (8, False)])
+def test_layout_is_onnx_runtimes(bits, symmetric):
+    """Our packing read by ONNX Runtime's kernels gives our dequantized matrix, for products and gathers, with
+    and without zero points; K = 80 is not a multiple of the block, so the last block is padded, and the
+    table's 3 blocks per row leave its packed 4-bit zero points a half byte of padding."""
     rng = np.random.default_rng(bits)
-    s = quantize.Scheme(bits, 32, 1)
+    s = quantize.Scheme(bits, 32, symmetric=symmetric)
     k, n = 80, 48
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    codes, scales = quantize.quantize(np.ascontiguousarray(w.T), s)
-    dq = quantize.dequantize(codes, scales, k, s).T
+    w = rng.standard_normal((k, n)).astype(np.float32) + (0 if symmetric else 0.7)  # skewed: zero points matter
+    codes, scales, zeros = quantize.quantize(np.ascontiguousarray(w.T), s)
+    dq = quantize.dequantize(codes, scales, zeros, k).T
     assert 0 < np.abs(dq - w).max() <= scales.max() / 2 + 1e-6  # rounded to the nearest step, no further
+    assert (zeros == s.zero).all() if symmetric else len(np.unique(zeros)) > 1
     packed = quantize.pack(codes, s)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    y = _run(helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                              block_size=32, accuracy_level=1),
-             [("x", TensorProto.FLOAT, x)], {"b": packed, "s": scales.reshape(-1)}, [3, n])
+    zp = {} if symmetric else {"z": quantize.pack_zeros(zeros, s).reshape(-1)}
+    y = _run(helper.make_node("MatMulNBits", ["x", "b", "s", *zp], ["y"], domain="com.microsoft", K=k, N=n,
+                              bits=bits, block_size=32, accuracy_level=1),
+             [("x", TensorProto.FLOAT, x)], {"b": packed, "s": scales.reshape(-1), **zp}, [3, n])
     np.testing.assert_allclose(y, x @ dq, atol=2e-5)
-    table = w[:64].T.copy()  # [48 rows, 64 values]: a table whose rows are gathered
-    codes, scales = quantize.quantize(table, s)
-    idx = np.array([3, 0, 47])
-    y = _run(helper.make_node("GatherBlockQuantized", ["d", "i", "s"], ["y"], domain="com.microsoft", gather_axis=0,
-                              quantize_axis=1, block_size=32, bits=bits),
-             [("i", TensorProto.INT64, idx)], {"d": quantize.pack(codes, s).reshape(48, -1), "s": scales}, [3, 64])
-    np.testing.assert_array_equal(y, quantize.dequantize(codes, scales, 64, s)[idx])
-    assert quantize.on_grid(quantize.dequantize(codes, scales, 64, s), s) is not None
+    table = w[:, :40].T.copy()  # [40 rows, 80 values]: a table whose rows are gathered
+    codes, scales, zeros = quantize.quantize(table, s)
+    idx = np.array([3, 0, 39])
+    zp = {} if symmetric else {"z": quantize.pack_zeros(zeros, s)}
+    y = _run(helper.make_node("GatherBlockQuantized", ["d", "i", "s", *zp], ["y"], domain="com.microsoft",
+                              gather_axis=0, quantize_axis=1, block_size=32, bits=bits),
+             [("i", TensorProto.INT64, idx)], {"d": quantize.pack(codes, s).reshape(40, -1)[:, :80 * bits // 8],
+                                                "s": scales, **zp}, [3, 80])
+    np.testing.assert_array_equal(y, quantize.dequantize(codes, scales, zeros, 80)[idx])
+    assert quantize.on_grid(quantize.dequantize(codes, scales, zeros, 80), s) is not None
     assert quantize.on_grid(table, s) is None  # off-grid matrices are left alone by the rewrite
+
+
+def test_zero_points_cut_the_rounding_error_of_skewed_blocks():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 256)) * 0.1 + 0.3).astype(np.float32)  # blocks far from centred on 0
+    err = {}
+    for symmetric in (True, False):
+        s = quantize.Scheme(4, 32, symmetric=symmetric)
+        err[symmetric] = np.abs(quantize.dequantize(*quantize.quantize(w, s), 256) - w).mean()
+    assert err[False] < 0.7 * err[True]
 
 
 @pytest.mark.parametrize("family,weights", [("tiny-llama", "int4"), ("tiny-gemma3", "int8")])
@@ -83,13 +98,47 @@ def test_quantized_export_verifies_and_stores_the_table_once(family, weights, ex
     assert (q / "weights.bin").stat().st_size < 0.6 * (fp32 / "weights.bin").stat().st_size
 
 
-def test_int4_greedy_equals_hf_generate_on_the_quantized_model(exports):
+def test_zero_points_and_a_float_embedding_export_and_verify(exports):
+    """--weights-asymmetric: every product and the tied gather read zero points, the gather's and the output
+    product's stored once; --keep-embedding: the output matrix and the embedding stay float32 (the export
+    verified both against the reference, or it would have raised)."""
+    asym = exports("tiny-gemma3", weights="int4", weights_asymmetric=True)
+    manifest = json.loads((asym / "pop_manifest.json").read_text())
+    assert manifest["weights"]["quantization"]["symmetric"] is False and manifest["verification"]["passed"]
+    decode = onnx.load(str(asym / "decode.onnx"), load_external_data=False)
+    quantized = [n for n in decode.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert quantized and all(len(n.input) == 4 and n.input[3] for n in quantized)
+    vocab = manifest["model"]["vocab_size"]
+    gather = next(n for n in quantized if n.op_type == "GatherBlockQuantized")
+    [lm_head] = [n for n in quantized if n.op_type == "MatMulNBits"
+                 and helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) == vocab]
+    values = {t.name: numpy_helper.to_array(t, base_dir=str(asym)) for t in decode.graph.initializer}
+    # the same zero-point bytes, in the shapes each operator takes (weights.bin stores equal bytes once)
+    assert values[gather.input[3]].tobytes() == values[lm_head.input[3]].tobytes()
+    assert values[gather.input[3]].shape == (vocab, -(-manifest["model"]["hidden_size"] // 32 // 2))
+
+    kept = exports("tiny-llama", weights="int4", keep_embedding=True)
+    record = json.loads((kept / "pop_manifest.json").read_text())["weights"]["quantization"]
+    assert record["embedding"] == "float32" and record["output_matrix"] == "float32"
+    whole = json.loads((exports("tiny-llama", weights="int4") / "pop_manifest.json").read_text())
+    for graph, ops in record["operators"].items():  # the prefill graph gathers embeddings, computes no logits
+        assert ops == {"MatMulNBits": whole["weights"]["quantization"]["operators"][graph]["MatMulNBits"]
+                       - (graph == "decode"), "GatherBlockQuantized": 0}
+    sizes = [(d / "weights.bin").stat().st_size for d in (exports("tiny-llama", weights="int4"), kept,
+                                                         exports("tiny-llama"))]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+
+
+@pytest.mark.parametrize("options", [{}, {"weights_asymmetric": True}, {"keep_embedding": True}])
+def test_int4_greedy_equals_hf_generate_on_the_quantized_model(exports, options):
     """An independent check: HF's own generate on the model with the same rounded weights gives full mode's
     tokens, and POP mode runs end to end through the CLI."""
-    q = exports("tiny-llama", weights="int4")
+    q = exports("tiny-llama", weights="int4", **options)
     model = tiny.build("tiny-llama")[0]
     from pop.exporter.families import adapter_for
-    quantize.fake_quantize(quantize.text_modules(adapter_for(model)), quantize.scheme_for("int4"))
+    s = quantize.scheme_for("int4", symmetric=not options.get("weights_asymmetric", False),
+                            keep_embedding=options.get("keep_embedding", False))
+    quantize.fake_quantize(quantize.text_modules(adapter_for(model), keep_embedding=s.keep_embedding), s)
     session = PopSession.load(q)
     assert session.generate(PROMPT_IDS, 12, "full").output_ids[0] == hf_greedy(model, PROMPT_IDS, 12,
                                                                                 session.eos_ids)
@@ -101,7 +150,9 @@ def test_bad_combinations_fail_before_loading(tmp_path):
                          (("--weights", "int8", "--graph-form", "plain"), "--graph-form plain"),
                          (("--weights", "int4", "--dtype", "fp16"), "--dtype fp16 with it is not supported"),
                          (("--weights", "int4", "--weights-block", "48"), "--weights-block must be"),
-                         (("--weights-compute", "int8",), "add --weights int8 or int4")):
+                         (("--weights-compute", "int8",), "add --weights int8 or int4"),
+                         (("--weights-asymmetric",), "--weights-asymmetric is for quantized weights"),
+                         (("--keep-embedding",), "--keep-embedding is for quantized weights")):
         run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", *args, timeout=120)
         assert run.returncode == 2 and needle in run.stderr.strip().splitlines()[-1], (args, run.stderr)
         assert "Traceback" not in run.stderr and not (tmp_path / "o").exists()

@@ -113,8 +113,9 @@ def _quantize(graphs, job) -> Quantization:
         job.progress(f"{name} graph: {n['matmuls']} matrix products and {n['gathers']} embedding gathers "
                      f"read {s.bits}-bit weights")
     tied = all(m["GatherBlockQuantized"] for m in made.values())
-    return Quantization(job.options.weights, s.bits, s.block, True, {name: 1 for name in made}, made,
-                        "quantized, shared with the output matrix" if tied else "float32")
+    return Quantization(job.options.weights, s.bits, s.block, s.symmetric, {name: 1 for name in made}, made,
+                        "quantized, shared with the output matrix" if tied else "float32",
+                        output_matrix="float32" if s.keep_embedding else "quantized")
 
 
 class OnnxFormat:
