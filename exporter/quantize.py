@@ -73,13 +73,9 @@ def scheme_for(weights: str, block: int = 32, compute: str = "fp32", symmetric: 
 def set_accuracy_level(path, level):
     """Sets every MatMulNBits of the graph file at `path` to `level`; its weights (external) are untouched."""
     import onnx
-    model = onnx.load(str(path), load_external_data=False)
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
-    onnx.save(model, str(path))
+
+    from pop.runtime.backends.ort import set_accuracy_level as patch
+    onnx.save(patch(onnx.load(str(path), load_external_data=False), level), str(path))
 
 
 # --- the grid, in numpy (what the graphs store) --------------------------------------------------

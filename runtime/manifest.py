@@ -147,6 +147,9 @@ class Quantization:
     # graphs were verified at level 1 first)
     int8_compute_error: dict | None = None
     output_matrix: str = "quantized"  # or "float32" (--keep-embedding; a tied embedding with it)
+    # the accuracy_level at which the runtime runs the decode graph's calls of more than one token (full
+    # mode's prompt), in a second session of it; None: the graph's own level for every call
+    prompt_accuracy_level: int | None = None
 
 
 @dataclass

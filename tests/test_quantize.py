@@ -160,7 +160,19 @@ def test_bad_combinations_fail_before_loading(tmp_path):
     assert run.returncode == 2 and "invalid choice: 'int3'" in run.stderr
 
 
-def test_int8_compute_is_verified_first_then_measured(tmp_path):
+def _logits(session, ids, n):
+    """Full mode's logits at its first n steps, the same token fed to all (greedy from the first)."""
+    got = []
+
+    def sampler(logits):
+        got.append(np.array(logits[0], np.float32))
+        return [int(got[0].argmax())]
+    for _ in session.steps(ids, n, "full", sampler):
+        pass
+    return got
+
+
+def test_int8_compute_is_verified_first_then_measured(tmp_path, exports):
     """--weights-compute int8: the export verifies the fp32-compute graphs (it fails otherwise), then
     switches MatMulNBits to int8 activations and records their measured distance from the reference."""
     out = tmp_path / "q"
@@ -184,6 +196,17 @@ def test_int8_compute_is_verified_first_then_measured(tmp_path):
     assert run.returncode == 0, run.stderr
     record = json.loads((mixed / "pop_manifest.json").read_text())["weights"]["quantization"]
     assert record["accuracy_level"] == {"prefill": 1, "decode": 4} and record["int8_compute_error"]
+    # full mode's prompt runs the decode graph in fp32 products (a second session of it), single-token steps
+    # in int8: its first logits are the fp32-product export's, its next ones are not
+    assert record["prompt_accuracy_level"] == 1
+    sessions = {name: PopSession.load(d) for name, d in (("mixed", mixed), ("int8", out),
+                                                          ("fp32", exports("tiny-llama", weights="int4")))}
+    assert "decode (prompt)" in sessions["mixed"].backend.sessions
+    assert "decode (prompt)" not in sessions["int8"].backend.sessions
+    logits = {name: _logits(s, PROMPT_IDS, 3) for name, s in sessions.items()}
+    np.testing.assert_allclose(logits["mixed"][0], logits["fp32"][0], atol=1e-4 * np.abs(logits["fp32"][0]).max())
+    assert np.abs(logits["int8"][0] - logits["fp32"][0]).max() > 1e-4 * np.abs(logits["fp32"][0]).max()
+    assert np.abs(logits["mixed"][1] - logits["fp32"][1]).max() > 1e-4 * np.abs(logits["fp32"][1]).max()
     for graph, level in record["accuracy_level"].items():
         model = onnx.load(str(mixed / f"{graph}.onnx"), load_external_data=False)
         assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute

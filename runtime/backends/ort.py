@@ -9,6 +9,12 @@ holds the packed copies.  Without (prepack=False), the mapped file is the one
 copy both graphs read; MLAS then packs each matrix at every call, which for a
 decode step of more than one row costs about twice the time (README, "Memory").
 
+Quantized exports whose decode graph takes int8 activations (`--weights-compute int8-decode`) get a
+second session of the decode graph with fp32 products (MatMulNBits accuracy_level 1, patched in memory;
+the same weights), which runs the calls of more than one token: full mode's prompt.  On this project's
+CPU int8 activations made single-token steps faster and prompts slower (benchmarks/quantized); the
+manifest's quantization.prompt_accuracy_level asks for it.  It prepacks its own copy of the matrices.
+
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
 the one KV buffer.
@@ -56,6 +62,25 @@ def _external_initializers(model_path: Path):
 
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+PROMPT = "decode (prompt)"  # the decode graph's session for calls of several tokens, when the manifest asks
+
+
+def set_accuracy_level(model: onnx.ModelProto, level):
+    """Every MatMulNBits of `model` at `level` (1: fp32 products, 4: int8 activations), in place."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    return model
+
+
+def _with_accuracy_level(path: Path, level):
+    """The graph at `path` as bytes, every MatMulNBits at `level`; its weights stay external, the sessions
+    receive them through add_initializer."""
+    return set_accuracy_level(onnx.load(str(path), load_external_data=False), level).SerializeToString()
 
 
 def require_provider(session, graph, provider):
@@ -132,12 +157,17 @@ class OrtBackend:
             self.zeros = np.zeros
             provider = "CPUExecutionProvider"
             providers = [provider]
-        for graph, spec in manifest.graphs.items():
+        q = manifest.weights.quantization
+        prompt_level = q.prompt_accuracy_level if q is not None and device == "cpu" else None
+        variants = list(manifest.graphs.items())
+        if prompt_level is not None and q.accuracy_level.get("decode") != prompt_level:
+            variants.append((PROMPT, manifest.graphs["decode"]))
+        for graph, spec in variants:
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.intra_op_num_threads = threads or 0
             opts.inter_op_num_threads = 1
-            if graph != "decode":
+            if graph not in ("decode", PROMPT):
                 # Each session has its own threads, which spin a while after a run for the next op.  After
                 # a prefill they would spin while the boundary step's threads wake up, fighting over the
                 # cores (the boundary step took twice a decode step on 2 cores).  The big graphs lose
@@ -149,8 +179,14 @@ class OrtBackend:
                 if location != manifest.weights.file:
                     raise PopError(f"{spec.file} points at {location}, not the manifest's weights file")
                 opts.add_initializer(name, self._value(offset, length, elem, shape))
+            source = str(directory / spec.file)
+            if graph == PROMPT:
+                source = _with_accuracy_level(directory / spec.file, prompt_level)
+                # a graph given as bytes finds its external data (here all given by add_initializer) from here
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(directory))
             try:
-                sess = ort.InferenceSession(str(directory / spec.file), opts, providers=providers)
+                sess = ort.InferenceSession(source, opts, providers=providers)
             except Exception as e:  # ORT raises its own exception types for corrupt graphs
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise PopError(f"{spec.file} cannot be loaded by ONNX Runtime: {why}") from None
@@ -187,6 +223,8 @@ class OrtBackend:
 
     def run(self, graph, inputs, outputs):
         """Runs one graph over the bound arrays; returns its GPU time in ms (CUDA events), or None on the CPU."""
+        if graph == "decode" and PROMPT in self.sessions and inputs["input_ids"].shape[1] > 1:
+            graph = PROMPT
         io = self._bindings[graph]
         # A decode step binds the same KV blocks as the step before (the same view objects, runtime/kv.py):
         # only what changed is bound again, which saves a Python call per layer and kind each step.
