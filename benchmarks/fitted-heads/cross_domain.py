@@ -57,12 +57,11 @@ def bootstrap(a, b, stat, resamples, seed=0):
 
 
 def kl(rows):
-    return sum(r["kl"] for r in rows) / len(rows)
+    return fidelity.summarize(rows)["kl_full_to_method"]
 
 
 def ppl(rows):
-    nll = [x for r in rows for x in r["nll"]]
-    return math.exp(sum(nll) / len(nll))
+    return fidelity.summarize(rows)["perplexity"]
 
 
 def run(model, out, samples, calib_tokens, resamples, domains):
