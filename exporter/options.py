@@ -60,9 +60,12 @@ class ExportOptions:
                 raise PopError(f"--weights {self.weights} needs ONNX Runtime's MatMulNBits: --format onnx with the "
                                f"fused graph form, not --format {self.format}"
                                + (f" --graph-form {self.graph_form}" if self.graph_form else ""))
-            if self.dtype != "fp32":
-                raise PopError(f"--weights {self.weights} quantizes the weights of an fp32 export; "
-                               f"--dtype {self.dtype} with it is not supported")
+            if self.dtype == "bf16":
+                raise PopError(f"--weights {self.weights} takes --dtype fp32 or fp16 (ONNX Runtime's MatMulNBits "
+                               f"has no bf16 scales on the CPU, where the export is verified); not --dtype bf16")
+            if self.dtype == "fp16" and self.weights_compute != "fp32":
+                raise PopError(f"--weights-compute {self.weights_compute} is for fp32 exports on the CPU; "
+                               f"fp16 graphs (for the GPU) compute in fp16")
         if self.prefill_layers is not None and self.prune_ratio is not None:
             raise PopError("give --prefill-layers or --prune-ratio, not both")
         # ONNX Runtime's CPU provider has no bf16 kernels, so such graphs can only be
@@ -76,7 +79,7 @@ class ExportOptions:
         """The quantization scheme of --weights and its options (exporter/quantize.py), or None for fp32."""
         from .quantize import scheme_for
         return scheme_for(self.weights, self.weights_block, self.weights_compute, not self.weights_asymmetric,
-                          self.keep_embedding)
+                          self.keep_embedding, DTYPES.get(self.dtype, "float32"))
 
     @property
     def torch_dtype(self) -> str:

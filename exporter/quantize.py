@@ -44,7 +44,8 @@ class Scheme:
     block: int = 32
     int8_graphs: tuple = ()  # graphs switched to int8 activations after they verified with fp32 products
     symmetric: bool = True  # False: a zero point per block (MatMulNBits' and GatherBlockQuantized's zero_points)
-    keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in float32
+    keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in the export's dtype
+    dtype: str = "float32"  # the graphs' float type, and so the scales': "float32" or "float16"
 
     @property
     def qmax(self):
@@ -60,14 +61,15 @@ class Scheme:
 
 
 def scheme_for(weights: str, block: int = 32, compute: str = "fp32", symmetric: bool = True,
-               keep_embedding: bool = False):
+               keep_embedding: bool = False, dtype: str = "float32"):
     if weights not in WEIGHTS:
         raise PopError(f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}")
     if block not in (16, 32, 64, 128, 256):
         raise PopError(f"--weights-block must be 16, 32, 64, 128 or 256, got {block}")
     if compute not in COMPUTE:
         raise PopError(f"--weights-compute takes {' or '.join(COMPUTE)}, got {compute!r}")
-    return None if weights == "fp32" else Scheme(BITS[weights], block, COMPUTE[compute], symmetric, keep_embedding)
+    return None if weights == "fp32" else Scheme(BITS[weights], block, COMPUTE[compute], symmetric, keep_embedding,
+                                                 dtype)
 
 
 def set_accuracy_level(path, level):
@@ -89,18 +91,23 @@ def quantize(rows: np.ndarray, s: Scheme):
     padded[:, :k] = rows
     blocks = padded.reshape(n, nb, s.block)
     if s.symmetric:
-        scales = (np.abs(blocks).max(-1) / np.float32(s.qmax)).astype(np.float32)
+        scales = _representable(np.abs(blocks).max(-1) / np.float32(s.qmax), s)
         zeros = np.full(scales.shape, s.zero, np.float32)
         low, high = -s.qmax - 1 + s.zero, s.qmax + s.zero
     else:
         # the range holds 0 so that a zero weight (and the padding) stays exactly 0
         lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-        scales = ((hi - lo) / np.float32(s.levels)).astype(np.float32)
+        scales = _representable((hi - lo) / np.float32(s.levels), s)
         zeros = np.clip(np.rint(-lo / np.where(scales > 0, scales, np.float32(1))), 0, s.levels)
         low, high = 0, s.levels
     safe = np.where(scales > 0, scales, np.float32(1))
     codes = np.clip(np.rint(blocks / safe[..., None]) + zeros[..., None], low, high)
     return codes.astype(np.uint8), scales, zeros.astype(np.uint8)
+
+
+def _representable(scales, s: Scheme):
+    """Scales as the graphs store them (float16 graphs take float16 scales), back in float32."""
+    return scales.astype(s.dtype).astype(np.float32)
 
 
 def dequantize(codes, scales, zeros, k):
@@ -126,11 +133,14 @@ def pack_zeros(zeros: np.ndarray, s: Scheme):
 
 
 def on_grid(rows, s: Scheme):
-    """(codes, scales, zeros) when `rows` [N, K] is reproduced by its own requantization, else None."""
+    """(codes, scales, zeros) when `rows` [N, K] (float32, or float16 values in float32) is reproduced by its own
+    requantization, else None."""
     codes, scales, zeros = quantize(rows, s)
     back = dequantize(codes, scales, zeros, rows.shape[1])
-    # a requantized scale can differ from the one that made the grid by an ulp
-    return (codes, scales, zeros) if np.allclose(back, rows, rtol=1e-6, atol=0) else None
+    # a requantized scale can differ from the one that made the grid by an ulp; a float16 model holds each
+    # dequantized value rounded to float16 (11 bits), off the grid by up to 2^-11 of itself
+    rtol = 1e-6 if s.dtype == "float32" else 2e-3
+    return (codes, scales, zeros) if np.allclose(back, rows, rtol=rtol, atol=0) else None
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -177,10 +187,11 @@ def rewrite(model, s: Scheme):
         if key not in cache:
             array = value.const_value.numpy() if value.const_value is not None else None
             cache[key] = None
-            if array is not None and array.dtype == np.float32 and array.ndim == 2 and min(array.shape) >= s.block:
-                found = on_grid(np.ascontiguousarray(array.T) if transposed else array, s)
+            if array is not None and array.dtype == s.dtype and array.ndim == 2 and min(array.shape) >= s.block:
+                rows = np.ascontiguousarray(array.T if transposed else array, np.float32)
+                found = on_grid(rows, s)
                 if found is not None:
-                    cache[key] = (pack(found[0], s), found[1], pack_zeros(found[2], s))
+                    cache[key] = (pack(found[0], s), found[1].astype(s.dtype), pack_zeros(found[2], s))
         return cache[key]
 
     def product(a, weight, transposed):

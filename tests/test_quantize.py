@@ -129,6 +129,22 @@ def test_zero_points_and_a_float_embedding_export_and_verify(exports):
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
 
 
+def test_fp16_graphs_take_fp16_scales(exports):
+    """--dtype fp16 --weights int4 (the form a GPU runs): MatMulNBits and the gather read float16 scales and
+    take float16 activations; the export verified them on the CPU at fp16's tolerance, or it would have raised."""
+    q = exports("tiny-gemma3", weights="int4", dtype="fp16")
+    manifest = json.loads((q / "pop_manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and manifest["verification"]["passed"]
+    assert manifest["verification"]["tolerance"] == 2e-2
+    decode = onnx.load(str(q / "decode.onnx"), load_external_data=False)
+    types = {t.name: t.data_type for t in decode.graph.initializer}
+    quantized = [n for n in decode.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert len(quantized) == sum(manifest["weights"]["quantization"]["operators"]["decode"].values())
+    assert {types[n.input[2]] for n in quantized} == {TensorProto.FLOAT16}
+    session = PopSession.load(q)
+    assert len(session.generate(PROMPT_IDS, 6, "pop").output_ids[0]) >= 1
+
+
 @pytest.mark.parametrize("options", [{}, {"weights_asymmetric": True}, {"keep_embedding": True}])
 def test_int4_greedy_equals_hf_generate_on_the_quantized_model(exports, options):
     """An independent check: HF's own generate on the model with the same rounded weights gives full mode's
@@ -148,7 +164,9 @@ def test_int4_greedy_equals_hf_generate_on_the_quantized_model(exports, options)
 def test_bad_combinations_fail_before_loading(tmp_path):
     for args, needle in ((("--weights", "int4", "--format", "trt"), "needs ONNX Runtime's MatMulNBits"),
                          (("--weights", "int8", "--graph-form", "plain"), "--graph-form plain"),
-                         (("--weights", "int4", "--dtype", "fp16"), "--dtype fp16 with it is not supported"),
+                         (("--weights", "int4", "--dtype", "bf16"), "not --dtype bf16"),
+                         (("--weights", "int4", "--dtype", "fp16", "--weights-compute", "int8-decode"),
+                          "is for fp32 exports on the CPU"),
                          (("--weights", "int4", "--weights-block", "48"), "--weights-block must be"),
                          (("--weights-compute", "int8",), "add --weights int8 or int4"),
                          (("--weights-asymmetric",), "--weights-asymmetric is for quantized weights"),

@@ -62,6 +62,7 @@ def _external_initializers(model_path: Path):
 
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+DEVICE_TYPES = FLOAT_TYPES + (onnx.TensorProto.UINT8,)
 
 
 PROMPT = "decode (prompt)"  # the decode graph's session for calls of several tokens, when the manifest asks
@@ -209,9 +210,10 @@ class OrtBackend:
                 array = raw.view(np.uint16).reshape(shape)
             else:
                 array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(elem)).reshape(shape)
-            if self.device == "cuda" and elem in FLOAT_TYPES:
-                # a view of our device copy, which both sessions use; integer constants stay on the
-                # host, where ONNX Runtime plans the shape arithmetic that reads them
+            if self.device == "cuda" and elem in DEVICE_TYPES:
+                # a view of our device copy, which both sessions use (floats, and the packed 4/8-bit
+                # weights and zero points of quantized exports); integer constants stay on the host,
+                # where ONNX Runtime plans the shape arithmetic that reads them
                 view = dlpack.View(self._device_weights.ptr + offset, shape,
                                    "bfloat16" if elem == onnx.TensorProto.BFLOAT16 else array.dtype, "cuda")
                 self._views.append(view)
