@@ -47,6 +47,7 @@ class Job:
     heads: object = None  # fitted KV heads, or None
     calibration: tuple = None  # (text, sha256) of fitted heads' calibration file
     scheme: object = None  # quantize.Scheme for --weights int8/int4, else None
+    grids: dict = None  # quantize.fake_quantize's grids: what the graphs' rewrite may quantize
 
     @property
     def hf(self):
@@ -137,7 +138,8 @@ def quantize_weights(job):
     job.scheme = s = o.scheme()
     if s is None:
         return
-    count, values = quantize.fake_quantize(quantize.text_modules(job.adapter, job.heads, s.keep_embedding), s)
+    count, values, job.grids = quantize.fake_quantize(quantize.text_modules(job.adapter, job.heads,
+                                                                            s.keep_embedding), s)
     job.progress(f"{o.weights} weights: {count} matrices ({values / 1e6:.1f} M values) rounded to {s.bits} bits in "
                  f"blocks of {s.block}, {'symmetric' if s.symmetric else 'with zero points'}"
                  + ("; the output matrix and embedding kept in float32" if s.keep_embedding else ""))

@@ -9,8 +9,11 @@ One grid, used twice:
   pop-eval measures against the fp32 model.
 - rewrite(model) turns each MatMul against such a weight into ONNX Runtime's com.microsoft
   MatMulNBits, and a Gather from a tied table into GatherBlockQuantized over the same bytes, so the
-  output matrix and the embedding are stored once.  A weight is rewritten only when it is on the
-  grid (its requantization reproduces it): constants that are not weights stay as they are.
+  output matrix and the embedding are stored once.  A weight is rewritten only when fake_quantize put
+  its rows on the grid: it returns each row's scales and zero points, by the row's bytes (the graphs
+  pack some weights side by side, Q/K/V and gate/up, which keeps rows whole), and the rewrite takes them
+  from there rather than deriving them again (a grid is not always what requantizing its own values
+  gives: with zero points, a block whose ends fall on half steps shrinks by one code).
 
 Layout (ONNX Runtime's contrib operators, uint8 form): a [K, N] weight is stored as its transpose,
 N rows of K values cut into blocks of `block` along K; 4-bit values are packed two to a byte, the
@@ -20,6 +23,7 @@ block also has its own zero point z (packed like the values, one row's blocks to
 (u - z) * scale, and the block's range [min, max] (stretched to hold 0) spans all 2^bits codes, so a block
 of skewed values loses less to rounding.
 """
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,15 +136,33 @@ def pack_zeros(zeros: np.ndarray, s: Scheme):
     return (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
 
 
-def on_grid(rows, s: Scheme):
-    """(codes, scales, zeros) when `rows` [N, K] (float32, or float16 values in float32) is reproduced by its own
-    requantization, else None."""
-    codes, scales, zeros = quantize(rows, s)
-    back = dequantize(codes, scales, zeros, rows.shape[1])
-    # a requantized scale can differ from the one that made the grid by an ulp; a float16 model holds each
-    # dequantized value rounded to float16 (11 bits), off the grid by up to 2^-11 of itself
-    rtol = 1e-6 if s.dtype == "float32" else 2e-3
-    return (codes, scales, zeros) if np.allclose(back, rows, rtol=rtol, atol=0) else None
+def digests(rows: np.ndarray):
+    """The key of each row's grid: its K values as float32 (a float16 weight upcast)."""
+    rows = np.ascontiguousarray(rows, np.float32)
+    return [hashlib.sha1(r.tobytes()).digest() for r in rows]
+
+
+def known_grid(rows, grids):
+    """(scales, zeros, the rows' digests) of rows [N, K] whose every row fake_quantize made, else None."""
+    keys = digests(rows)
+    found = [grids.get(key) for key in keys]
+    if any(f is None for f in found):
+        return None
+    return np.stack([f[0] for f in found]), np.stack([f[1] for f in found]), keys
+
+
+def codes_on(rows, scales, zeros, s: Scheme):
+    """The codes of `rows` [N, K] on a known grid (scales and zero points [N, nb]); None when a value is off it
+    by more than float16 rounding, which a weight that fake_quantize made never is."""
+    n, k = rows.shape
+    nb = scales.shape[1]
+    padded = np.zeros((n, nb * s.block), np.float32)
+    padded[:, :k] = rows
+    steps = padded.reshape(n, nb, s.block) / np.where(scales > 0, scales, np.float32(1))[..., None]
+    codes = np.rint(steps) + zeros[..., None]
+    if np.abs(steps - np.rint(steps)).max() > 0.05 or codes.min() < 0 or codes.max() > s.levels:
+        return None
+    return codes.astype(np.uint8)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -148,9 +170,10 @@ def on_grid(rows, s: Scheme):
 def fake_quantize(modules, s: Scheme):
     """Puts the weight of every nn.Linear in `modules` on the grid, in place (a tied embedding follows
     its output matrix, being the same tensor), through the same quantize() the graphs' bytes come from.
-    Returns how many weights and values were quantized."""
+    Returns how many weights and values were quantized, and the grids: {digest of the weight as the
+    model now holds it, row by row: (scales, zero points) of the row}, for rewrite()."""
     import torch
-    seen, count, values = set(), 0, 0
+    seen, count, values, grids = set(), 0, 0, {}
     with torch.no_grad():
         for m in modules:
             for linear in (x for x in m.modules() if isinstance(x, torch.nn.Linear)):
@@ -160,8 +183,9 @@ def fake_quantize(modules, s: Scheme):
                 seen.add(id(w))
                 codes, scales, zeros = quantize(w.detach().float().numpy(), s)
                 w.copy_(torch.from_numpy(dequantize(codes, scales, zeros, w.shape[1])).to(w.dtype))
+                grids.update(zip(digests(w.detach().float().numpy()), zip(scales, zeros)))
                 count, values = count + 1, values + w.numel()
-    return count, values
+    return count, values, grids
 
 
 def text_modules(adapter, heads=None, keep_embedding=False):
@@ -173,12 +197,12 @@ def text_modules(adapter, heads=None, keep_embedding=False):
 
 # --- the graphs ---------------------------------------------------------------------------------
 
-def rewrite(model, s: Scheme):
-    """MatMul against an on-grid weight -> MatMulNBits; Gather from an on-grid table -> GatherBlockQuantized.
-    Returns {"matmuls": n, "gathers": n}."""
+def rewrite(model, s: Scheme, grids: dict):
+    """MatMul against a weight fake_quantize put on the grid (`grids`, its return) -> MatMulNBits; Gather from
+    such a table -> GatherBlockQuantized.  Returns {"matmuls": n, "gathers": n, "weights": {digests used}}."""
     import onnx_ir as ir
     graph = model.graph
-    made = {"matmuls": 0, "gathers": 0}
+    made = {"matmuls": 0, "gathers": 0, "weights": set()}
     cache = {}  # (initializer name, transposed) -> (packed, scales, packed zero points) or None
 
     def grid(value, transposed):
@@ -189,9 +213,11 @@ def rewrite(model, s: Scheme):
             cache[key] = None
             if array is not None and array.dtype == s.dtype and array.ndim == 2 and min(array.shape) >= s.block:
                 rows = np.ascontiguousarray(array.T if transposed else array, np.float32)
-                found = on_grid(rows, s)
-                if found is not None:
-                    cache[key] = (pack(found[0], s), found[1].astype(s.dtype), pack_zeros(found[2], s))
+                known = known_grid(rows, grids)
+                codes = None if known is None else codes_on(rows, known[0], known[1], s)
+                if codes is not None:
+                    made["weights"].update(known[2])
+                    cache[key] = (pack(codes, s), known[0].astype(s.dtype), pack_zeros(known[1], s))
         return cache[key]
 
     def product(a, weight, transposed):

@@ -53,8 +53,24 @@ def test_layout_is_onnx_runtimes(bits, symmetric):
              [("i", TensorProto.INT64, idx)], {"d": quantize.pack(codes, s).reshape(40, -1)[:, :80 * bits // 8],
                                                 "s": scales, **zp}, [3, 80])
     np.testing.assert_array_equal(y, quantize.dequantize(codes, scales, zeros, 80)[idx])
-    assert quantize.on_grid(quantize.dequantize(codes, scales, zeros, 80), s) is not None
-    assert quantize.on_grid(table, s) is None  # off-grid matrices are left alone by the rewrite
+    rounded = quantize.dequantize(codes, scales, zeros, 80)
+    grids = dict(zip(quantize.digests(rounded), zip(scales, zeros)))  # what fake_quantize records
+    found = quantize.known_grid(rounded, grids)
+    assert found is not None and (quantize.codes_on(rounded, found[0], found[1], s) == codes).all()
+    assert quantize.known_grid(table, grids) is None  # weights fake_quantize did not make are left alone
+
+
+def test_a_grid_is_taken_as_made_not_derived_again():
+    """With zero points, a block whose ends fall on half steps (weights that came from a 4-bit GGUF do) loses a
+    code when its rounded values are quantized again: the rewrite must take the grid fake_quantize made."""
+    s = quantize.Scheme(4, 32, symmetric=False)
+    row = np.linspace(-0.65, 0.85, 32, dtype=np.float32)[None]  # lo / step = -6.5, hi / step = 8.5
+    codes, scales, zeros = quantize.quantize(row, s)
+    rounded = quantize.dequantize(codes, scales, zeros, 32)
+    again = quantize.quantize(rounded, s)
+    assert not np.allclose(quantize.dequantize(*again, 32), rounded)  # deriving it again moves the grid
+    found = quantize.known_grid(rounded, dict(zip(quantize.digests(rounded), zip(scales, zeros))))
+    assert (quantize.codes_on(rounded, found[0], found[1], s) == codes).all()
 
 
 def test_zero_points_cut_the_rounding_error_of_skewed_blocks():

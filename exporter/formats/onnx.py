@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from pop.runtime.errors import PopError
 from pop.runtime.manifest import Graph, Quantization, TensorSpec, Weights
 
 from .. import quantize
@@ -106,12 +107,16 @@ def describe(path: Path, plan: GraphPlan, form: str) -> Graph:
 def _quantize(graphs, job) -> Quantization:
     """The text graphs' on-grid matrices as MatMulNBits, a tied table as GatherBlockQuantized (vision
     graphs keep their precision)."""
-    s, made = job.scheme, {}
+    s, made, used = job.scheme, {}, set()
     for name in ("prefill", "decode"):
-        n = quantize.rewrite(graphs[name], s)
+        n = quantize.rewrite(graphs[name], s, job.grids)
         made[name] = {"MatMulNBits": n["matmuls"], "GatherBlockQuantized": n["gathers"]}
+        used |= n["weights"]
         job.progress(f"{name} graph: {n['matmuls']} matrix products and {n['gathers']} embedding gathers "
                      f"read {s.bits}-bit weights")
+    if len(used) < len(job.grids):  # the folder would hold float weights it claims are quantized
+        raise PopError(f"{len(job.grids) - len(used)} of {len(job.grids)} quantized weight rows were not found "
+                       f"in the graphs' products: an exporter bug, nothing was written")
     tied = all(m["GatherBlockQuantized"] for m in made.values())
     return Quantization(job.options.weights, s.bits, s.block, s.symmetric, {name: 1 for name in made}, made,
                         "quantized, shared with the output matrix" if tied else "float32",
