@@ -43,9 +43,8 @@ def parser():
                    help="values per quantization scale (default 32)")
     p.add_argument("--weights-compute", default="fp32", choices=COMPUTE,
                    help="quantized products in fp32 (default; verified exactly), or with int8 activations in both "
-                        "graphs (int8) or for single-token decode steps only (int8-decode: prompts, POP's and full mode's, "
-                        "keep fp32 products, faster here): MatMulNBits accuracy_level 4, faster decode steps; its "
-                        "error is measured and recorded")
+                        "graphs (int8) or in the decode graph only (int8-decode: POP's prefill graph keeps fp32 products): "
+                        "MatMulNBits accuracy_level 4, faster decode steps; its error is measured and recorded")
     p.add_argument("--weights-asymmetric", action="store_true",
                    help="a zero point per block besides its scale: each block's range uses every code (default: "
                         "symmetric, no zero points)")

@@ -155,10 +155,6 @@ def int8_compute(job, manifest):
     for name in job.scheme.int8_graphs:
         quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, quantize.INT8_LEVEL)
         q.accuracy_level[name] = quantize.INT8_LEVEL
-    if "prefill" not in job.scheme.int8_graphs:
-        # int8-decode: prompts in fp32 products, POP's in the prefill graph and full mode's through a
-        # second session of the decode graph (runtime/backends/ort.py); single-token steps in int8
-        q.prompt_accuracy_level = 1
     if job.options.skip_verify:
         return
     from .verify import verify as run_verification

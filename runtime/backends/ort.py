@@ -9,11 +9,11 @@ holds the packed copies.  Without (prepack=False), the mapped file is the one
 copy both graphs read; MLAS then packs each matrix at every call, which for a
 decode step of more than one row costs about twice the time (README, "Memory").
 
-Quantized exports whose decode graph takes int8 activations (`--weights-compute int8-decode`) get a
+Quantized exports whose manifest asks for it (quantization.prompt_accuracy_level; pop-export does not) get a
 second session of the decode graph with fp32 products (MatMulNBits accuracy_level 1, patched in memory;
-the same weights), which runs the calls of more than one token: full mode's prompt.  On this project's
-CPU int8 activations made single-token steps faster and prompts slower (benchmarks/quantized); the
-manifest's quantization.prompt_accuracy_level asks for it.  It prepacks its own copy of the matrices.
+the same weights), which runs the calls of more than one token: full mode's prompt.  Measured here
+(benchmarks/quantized) it made smollm2-135m's long full-mode prompts faster and gemma3-270m's slower, so
+it is not the default.  It prepacks its own copy of the matrices.
 
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
