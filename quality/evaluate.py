@@ -72,14 +72,22 @@ def _model_spec(manifest):
 
 
 def _tags(session):
-    """(full mode's, POP's) row tags that tell one export from another: its weights (and the graphs where
-    they take int8 activations), its fitted heads."""
+    """(full mode's, POP's) row tags that tell one export from another: its weights (their scheme, zero
+    points, block size, a float32 output matrix or embedding, the graphs where they take int8 activations),
+    its fitted heads."""
     m = session.manifest
     q = m.weights.quantization
     weights = ""
     if q:
+        notes = [f"block {q.block_size}"] + ([] if q.symmetric else ["zero points"])
+        if q.output_matrix == "float32":
+            notes.append("float32 output matrix and embedding")
+        elif q.embedding == "float32":  # an embedding the block layout cannot gather, beside a quantized output
+            notes.append("float32 embedding")
         int8 = sorted(g for g, level in q.accuracy_level.items() if level == 4)
-        weights = f", {q.scheme} weights" + (f" (int8 activations: {' and '.join(int8)})" if int8 else "")
+        if int8:
+            notes.append(f"int8 activations: {' and '.join(int8)}")
+        weights = f", {q.scheme} weights ({', '.join(notes)})"
     fitted = ", fitted heads" if m.kv_heads and m.kv_heads.kind == "fitted" else ""
     return weights, f"{fitted}{weights}"
 

@@ -159,14 +159,20 @@ def test_eval_sets_several_exports_side_by_side(exports, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     fp32, int4 = exports("tiny-llama"), exports("tiny-llama", weights="int4")
-    report = evaluate(artifacts=[fp32, int4], data_paths=[text], ks=[4], samples=3, prompt_len=20, continuation=6,
-                      greedy_tokens=5, progress=lambda m: None)
+    asym = exports("tiny-llama", weights="int4", weights_asymmetric=True)
+    kept = exports("tiny-llama", weights="int4", keep_embedding=True)
+    report = evaluate(artifacts=[fp32, int4, asym, kept], data_paths=[text], ks=[4], samples=3, prompt_len=20,
+                      continuation=6, greedy_tokens=5, progress=lambda m: None)
     rows = {r["method"]: r for r in report["data"][0]["results"]}
-    assert [a["tags"] for a in report["artifacts"]] == [["", ""], [", int4 weights", ", int4 weights"]]
-    # the fp32 export is the PyTorch model; the int4 one is not, and its row says so
+    # each row names what sets its export apart: scheme, block, zero points, a float32 output matrix
+    sym, zp, f32 = (", int4 weights (block 32)", ", int4 weights (block 32, zero points)",
+                    ", int4 weights (block 32, float32 output matrix and embedding)")
+    assert [a["tags"] for a in report["artifacts"]] == [["", ""], [sym, sym], [zp, zp], [f32, f32]]
+    # the fp32 export is the PyTorch model; the int4 ones are not, and their rows say so
     assert rows["exported graphs, pop runtime, full mode"]["kl_full_to_method"] < 1e-6
-    assert rows["exported graphs, pop runtime, full mode, int4 weights"]["kl_full_to_method"] > 1e-4
-    assert rows["exported graphs, pop runtime, POP K=4, int4 weights"]["perplexity"] > 0
+    for tag in (sym, zp, f32):
+        assert rows[f"exported graphs, pop runtime, full mode{tag}"]["kl_full_to_method"] > 1e-4
+        assert rows[f"exported graphs, pop runtime, POP K=4{tag}"]["perplexity"] > 0
     # two exports alike: their rows are told apart by folder; one folder twice is refused
     copy = shutil.copytree(fp32, tmp_path / "copy")
     twice = evaluate(artifacts=[fp32, copy], data_paths=[text], ks=[4], samples=1, prompt_len=20, continuation=2,
