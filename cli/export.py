@@ -41,10 +41,12 @@ def parser():
                         "MatMulNBits; a tied embedding is gathered from the same 4- or 8-bit table). Default fp32")
     p.add_argument("--weights-block", type=int, default=32, metavar="B",
                    help="values per quantization scale (default 32)")
-    p.add_argument("--weights-compute", default="fp32", choices=COMPUTE,
-                   help="quantized products in fp32 (default; verified exactly), or with int8 activations in both "
-                        "graphs (int8) or in the decode graph only (int8-decode: POP's prefill graph keeps fp32 products): "
-                        "MatMulNBits accuracy_level 4, faster decode steps; its error is measured and recorded")
+    p.add_argument("--weights-compute", choices=COMPUTE,
+                   help="quantized products in fp32 (verified exactly), or with int8 activations in both graphs "
+                        "(int8) or in the decode graph only (int8-decode: POP's prefill graph keeps fp32 products): "
+                        "MatMulNBits accuracy_level 4, faster decode steps; its error is measured and recorded. "
+                        "Default: the faster as measured, int8 for --weights int8, int8-decode for int4; fp32 with "
+                        "--dtype fp16")
     p.add_argument("--weights-asymmetric", action="store_true",
                    help="a zero point per block besides its scale: each block's range uses every code (default: "
                         "symmetric, no zero points)")

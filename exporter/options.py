@@ -31,7 +31,9 @@ class ExportOptions:
     guard: str = "samples"  # fitted heads: "samples", "off" or a text file (exporter/fitted_heads.py)
     weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
     weights_block: int = 32
-    weights_compute: str = "fp32"  # or "int8", "int8-decode": where MatMulNBits takes int8 activations
+    # "fp32", "int8" or "int8-decode": where MatMulNBits takes int8 activations; None: the faster one as
+    # measured for the bits (quantize.default_compute)
+    weights_compute: str | None = None
     weights_asymmetric: bool = False  # a zero point per block
     keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in float32
     command: str | None = None  # as typed, for the manifest's provenance
@@ -50,7 +52,7 @@ class ExportOptions:
         if self.dtype not in DTYPES:
             raise PopError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.scheme() is None:
-            extra = [flag for flag, on in (("--weights-compute", self.weights_compute != "fp32"),
+            extra = [flag for flag, on in (("--weights-compute", self.weights_compute not in (None, "fp32")),
                                            ("--weights-asymmetric", self.weights_asymmetric),
                                            ("--keep-embedding", self.keep_embedding)) if on]
             if extra:
@@ -63,7 +65,7 @@ class ExportOptions:
             if self.dtype == "bf16":
                 raise PopError(f"--weights {self.weights} takes --dtype fp32 or fp16 (ONNX Runtime's MatMulNBits "
                                f"has no bf16 scales on the CPU, where the export is verified); not --dtype bf16")
-            if self.dtype == "fp16" and self.weights_compute != "fp32":
+            if self.dtype == "fp16" and self.weights_compute not in (None, "fp32"):
                 raise PopError(f"--weights-compute {self.weights_compute} is for fp32 exports on the CPU; "
                                f"fp16 graphs (for the GPU) compute in fp16")
         if self.prefill_layers is not None and self.prune_ratio is not None:
@@ -77,9 +79,11 @@ class ExportOptions:
 
     def scheme(self):
         """The quantization scheme of --weights and its options (exporter/quantize.py), or None for fp32."""
-        from .quantize import scheme_for
-        return scheme_for(self.weights, self.weights_block, self.weights_compute, not self.weights_asymmetric,
-                          self.keep_embedding, DTYPES.get(self.dtype, "float32"))
+        from .quantize import default_compute, scheme_for
+        dtype = DTYPES.get(self.dtype, "float32")
+        compute = self.weights_compute or default_compute(self.weights, dtype)
+        return scheme_for(self.weights, self.weights_block, compute, not self.weights_asymmetric,
+                          self.keep_embedding, dtype)
 
     @property
     def torch_dtype(self) -> str:

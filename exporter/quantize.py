@@ -42,6 +42,18 @@ COMPUTE = {"fp32": (), "int8": ("prefill", "decode"), "int8-decode": ("decode",)
 INT8_LEVEL = 4
 
 
+def default_compute(weights: str, dtype: str = "float32") -> str:
+    """--weights-compute when none is given: the faster choice measured on this project's CPU
+    (benchmarks/quantized, both real models).  8-bit weights with fp32 products have no fast kernel in ONNX
+    Runtime 1.32's MLAS (decode 15-43x slower than with int8 activations), so int8 takes int8 activations
+    everywhere; int4 takes them for decode steps (1.3-1.5x faster) and keeps fp32 products in POP's prefill
+    graph, within 5% of int8 activations' speed there either way and a little closer to the fp32 model.
+    float16 graphs (for the GPU) compute in float16."""
+    if dtype != "float32" or weights == "fp32":
+        return "fp32"
+    return {"int8": "int8", "int4": "int8-decode"}[weights]
+
+
 @dataclass(frozen=True)
 class Scheme:
     bits: int

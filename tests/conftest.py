@@ -60,10 +60,13 @@ def packed_copy_bytes(manifest):
 def exports(tmp_path_factory):
     """exports(model, keep, form, weights, **options) -> artifact folder, exported once per session (keep=None:
     the default K; form=None: ONNX's default, the fused form; "plain": what --format trt writes, without
-    engines; weights: "fp32", "int8" or "int4"; options: more ExportOptions fields)."""
+    engines; weights: "fp32", "int8" or "int4", with fp32 products unless weights_compute says otherwise;
+    options: more ExportOptions fields)."""
     made = {}
 
     def get(model, keep=None, form=None, weights="fp32", **options):
+        if weights != "fp32":  # fp32 products unless asked: the tests compare them exactly with references
+            options.setdefault("weights_compute", "fp32")
         key = (model, keep, form, weights, *sorted(options.items()))
         if key not in made:
             tag = "".join(f"-{k}={v}" for k, v in sorted(options.items()))

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import cli, generate_json, hf_greedy
 from pop.exporter import quantize, tiny
+from pop.exporter.options import ExportOptions
 from pop.runtime.session import PopSession
 
 PROMPT_IDS = [1, 45, 67, 89, 23, 56, 78, 90, 12, 34, 11, 99]
@@ -195,6 +196,19 @@ def test_bad_combinations_fail_before_loading(tmp_path):
     assert run.returncode == 2 and "invalid choice: 'int3'" in run.stderr
 
 
+def test_weights_compute_defaults_to_the_measured_faster_choice(tmp_path):
+    """No --weights-compute: int8 activations wherever they were measured faster (benchmarks/quantized):
+    both graphs for 8-bit weights, the decode graph for 4-bit; fp16 graphs compute in fp16; an explicit
+    choice wins."""
+    def graphs(**options):
+        return ExportOptions("tiny-llama", tmp_path / "o", **options).scheme().int8_graphs
+    assert graphs(weights="int8") == ("prefill", "decode")
+    assert graphs(weights="int4") == ("decode",)
+    assert graphs(weights="int4", dtype="fp16") == ()
+    assert graphs(weights="int8", weights_compute="fp32") == ()
+    assert ExportOptions("tiny-llama", tmp_path / "o").scheme() is None
+
+
 def _logits(session, ids, n):
     """Full mode's logits at its first n steps, the same token fed to all (greedy from the first)."""
     got = []
@@ -225,9 +239,8 @@ def test_int8_compute_is_verified_first_then_measured(tmp_path, exports):
               if a.name == "accuracy_level"}
     assert levels == {4}
     assert len(generate_json(out, PROMPT_IDS, 6)["output_ids"]) >= 1
-    mixed = tmp_path / "mixed"  # int8 activations in the decode graph only
-    run = cli("pop-export", "--model", "tiny-llama", "--out", mixed, "--weights", "int4", "--weights-compute",
-              "int8-decode", timeout=600)
+    mixed = tmp_path / "mixed"  # int4's default: int8 activations in the decode graph only
+    run = cli("pop-export", "--model", "tiny-llama", "--out", mixed, "--weights", "int4", timeout=600)
     assert run.returncode == 0, run.stderr
     record = json.loads((mixed / "pop_manifest.json").read_text())["weights"]["quantization"]
     assert record["accuracy_level"] == {"prefill": 1, "decode": 4} and record["int8_compute_error"]
