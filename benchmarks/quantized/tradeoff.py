@@ -61,7 +61,9 @@ def rows(report, speed_report):
                 r = next(r for r in d["results"] if r["method"] == method)
                 quality[Path(d["path"]).name] = {k: r[k] for k in ("top1_agreement", "kl_full_to_method",
                                                                    "perplexity", "greedy_common_prefix")}
-            out.append(_row(speed, mode, tag.strip(", ") or "fp32", quality))
+            # the export column names the folder; a "[folder]" that pop-eval added to tell exports apart goes
+            out.append(_row(speed, mode, tag.removesuffix(f" [{Path(art['path']).name}]").strip(", ") or "fp32",
+                            quality))
     for speed in timed.values():
         # an fp32 export without fitted heads verifies equal to the PyTorch reference (1e-4 x scale): the
         # report's own full and POP rows are its quality
@@ -93,8 +95,10 @@ def _row(speed, mode, label, quality):
 
 
 def _baseline(table):
-    """fp32 full mode: the export with no quantization and no fitted heads."""
-    return next(r for r in table if r["mode"] == "full" and r["label"] == "fp32")
+    """fp32 full mode: the export with no quantization and no fitted heads. Where pop-eval had to tell
+    exports apart by folder (its labels then end in "[folder]"), the first export, fp32 by --time's contract."""
+    full = [r for r in table if r["mode"] == "full"]
+    return next((r for r in full if r["label"] == "fp32"), full[0])
 
 
 def markdown(result):
@@ -122,28 +126,28 @@ def plot(path, result):
     import matplotlib.pyplot as plt
     table, base = result["rows"], _baseline(result["rows"])
     texts = list(next(r["quality"] for r in table if r["quality"]))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    labels = sorted({r["label"] for r in table}, key=lambda x: [r["label"] for r in table].index(x))
-    colors = dict(zip(labels, plt.cm.tab10.colors))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), layout="constrained")
+    exports = list(dict.fromkeys(r["export"] for r in table))  # one colour per export: labels can repeat
+    colors = dict(zip(exports, plt.cm.tab20.colors))
     for r in (r for r in table if r["quality"]):
         kl = np.mean([r["quality"][t]["kl_full_to_method"] for t in texts])
         ppl = np.mean([r["quality"][t]["perplexity"] / _ref_ppl(result, t) for t in texts])
         marker = "o" if r["mode"] == "pop" else "s"
         for ax, x, y in ((axes[0], base["ttft_ms"] / r["ttft_ms"], kl),
                          (axes[1], base["decode_ms"] / r["decode_ms"], ppl)):
-            ax.scatter(x, y, marker=marker, color=colors[r["label"]], s=50,
-                       label=f"{r['label']}, {'POP' if r['mode'] == 'pop' else 'full'}")
+            ax.scatter(x, y, marker=marker, color=colors[r["export"]], s=50,
+                       label=f"{r['export']}, {'POP' if r['mode'] == 'pop' else 'full'}")
     axes[0].set_xlabel(f"time-to-first-token speedup over fp32 full mode ({result['prompt_len']}-token prompt)")
     axes[0].set_ylabel("first-token KL(fp32 full || export), mean over texts")
     axes[0].set_yscale("symlog", linthresh=1e-3)
     axes[1].set_xlabel("decode speedup over fp32 (ms/token)")
     axes[1].set_ylabel("continuation perplexity / fp32 full's, mean over texts")
-    axes[0].legend(fontsize=7, ncol=2)
+    # below the plots, where it hides no point
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result['model']}: POP's error and quantization's error against measured speed "
                  f"(squares: full mode, circles: POP)")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
