@@ -68,7 +68,8 @@ def bench(args):
     # the hardware's rates, measured now, before any model is in memory
     args.machine_rates = None if on_gpu else machine.measure(threads)
     session = PopSession.load(args.artifacts, args.backend, threads=threads, prepack=args.prepack_weights,
-                              tf32=args.tf32)
+                              tf32=args.tf32, prompt_chunk=args.prompt_chunk)
+    args.prompt_chunk = session.prompt_chunk  # what the backend chose, for the report
     args.device = session.backend.device
     args.backend = args.backend or session.backend.name
     tok = manifest.tokenizer
@@ -178,6 +179,7 @@ def _write(args, manifest, threads, shapes, rows, peer_reports):
         "settings": {"prompt_lens": None if args.image_sizes else args.prompt_lens, "batch": args.batch,
                      "image_sizes": args.image_sizes, "new_tokens": args.new_tokens, "runs": args.runs,
                      "warmup": args.warmup, "prepack_weights": args.prepack_weights,
+                     "prompt_chunk": args.prompt_chunk,
                      "prompts": "chat prompt with one seeded random image per row" if args.image_sizes
                      else "seeded random token ids (BOS first where the model wants it)"},
         "pop": {k: getattr(manifest.pop, k) for k in ("num_layers", "prefill_layers", "prune_ratio")},

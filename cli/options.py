@@ -28,7 +28,8 @@ def add_fitted_heads(p, several=False, calib_flag=True):
 
 
 def add_runtime(p, backends):
-    """--backend (an execution backend: what runs the graphs), --threads, --prepack-weights, --tf32."""
+    """--backend (an execution backend: what runs the graphs), --threads, --prepack-weights, --tf32,
+    --prompt-chunk."""
     p.add_argument("--backend", default=None, choices=backends,
                    help="ort: ONNX Runtime on the CPU; ort-cuda: its CUDA provider; trt: the TensorRT engines "
                         "(both GPU backends keep the KV cache in device memory); aoti: AOTInductor packages. "
@@ -37,6 +38,10 @@ def add_runtime(p, backends):
     p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="ONNX Runtime on the CPU re-lays the weights for its kernels, one copy per graph (default); "
                         "--no-prepack-weights holds them once, as the mapped file, and decodes slower")
+    p.add_argument("--prompt-chunk", type=int, default=None, metavar="N",
+                   help="tokens per graph call while reading a prompt; 0: the whole prompt in one call. Default: "
+                        "the backend's choice (ONNX Runtime on the CPU: 512, where chunks skip attention scores "
+                        "its one-call attention computes and masks; the GPU backends: one call)")
     p.add_argument("--tf32", action="store_true",
                    help="GPU backends, fp32 artifacts: matrix products in TF32 (faster, about 1e-3 relative error). "
                         "Default: true fp32 (TensorRT engines keep what pop-export --tf32 chose)")

@@ -144,17 +144,24 @@ class PopSession:
         self.position_axes = int(manifest.positions.axes)
         self.mm = Multimodal(manifest.vision, backend, manifest) if manifest.vision else None
         self.io = {name: GraphIO(graph, manifest) for name, graph in manifest.graphs.items() if name != "vision"}
+        # Tokens per graph call in a prompt phase (None: the whole prompt in one call), the backend's choice:
+        # see prompt_calls().
+        self.prompt_chunk = getattr(backend, "prompt_chunk", None)
         self._batch = 0
         self._ensure(1)
 
     @classmethod
-    def load(cls, directory, backend=None, threads=None, prepack=True, tf32=False):
+    def load(cls, directory, backend=None, threads=None, prepack=True, tf32=False, prompt_chunk=None):
         """backend: ort (CPU), ort-cuda, trt or aoti (runtime/backends); None: the artifacts' own
         (aoti for AOTInductor packages, else ort).  prepack (ONNX Runtime on the CPU): its matrix
         products read weights re-laid out for its kernels, one copy per graph (the default: decoding a
         batch is twice as fast); False holds the weights once, as the mapped file, and is slower.
         tf32 (GPU backends, fp32 artifacts): matrix products in TF32, faster and about 1e-3 off;
-        off by default, so that fp32 on a GPU gives fp32's answers."""
+        off by default, so that fp32 on a GPU gives fp32's answers.  prompt_chunk: tokens per graph call in
+        a prompt phase, 0 for one call, None for the backend's choice (see prompt_calls())."""
+        if prompt_chunk is not None and (not isinstance(prompt_chunk, int) or prompt_chunk < 0):
+            raise PopError(f"--prompt-chunk takes a number of tokens (0: the whole prompt in one call), "
+                           f"got {prompt_chunk!r}")
         directory = Path(directory)
         manifest = Manifest.load(directory)
         from tokenizers import Tokenizer
@@ -163,7 +170,10 @@ class PopSession:
         except Exception as e:
             raise PopError(f"{manifest.tokenizer.file} is not a readable tokenizer: {e}") from None
         options = BackendOptions(threads=threads, prepack=prepack, tf32=tf32)
-        return cls(directory, manifest, open_backend(backend, directory, manifest, options), tokenizer)
+        session = cls(directory, manifest, open_backend(backend, directory, manifest, options), tokenizer)
+        if prompt_chunk is not None:
+            session.prompt_chunk = prompt_chunk or None
+        return session
 
     # --- text <-> ids ------------------------------------------------------
     def encode_text(self, text: str, chat: bool = False) -> list:
@@ -296,6 +306,38 @@ class PopSession:
         request.groups = self.mm.groups(request.ids, request.mask)
         request.timings_ms["vision_ms"] = vision_ms
 
+    def prompt_calls(self, tokens):
+        """Where the graph calls over one row's `tokens` prompt slots begin and end: [0, tokens], or chunks
+        of at most prompt_chunk tokens, of near-equal size.  ONNX Runtime's CPU attention multiplies every
+        query of a call by every key up to the call's last slot and masks the rest afterwards (the upper
+        triangle, and what lies outside a sliding window), so in chunks a prompt computes about half the
+        scores; the matrix products do the same work either way, and each call adds its fixed cost.  VLM
+        prompts take one call: their image spans would cross chunks."""
+        c = self.prompt_chunk
+        if not c or tokens <= c or self.mm is not None:
+            return [0, tokens]
+        k = -(-tokens // c)
+        return [round(i * tokens / k) for i in range(k + 1)]
+
+    def _prompt_phase(self, graph, request, end, lengths, first):
+        """Prompt slots 0..end-1 through `graph` (lengths: each row's real tokens among them): the logits of
+        each row's last one (the decode graph's) and the GPU time (None on the CPU).  In one call for all
+        rows, or, where prompt_calls() chunks, row by row (ONNX Runtime's attention continues a row's
+        past with several tokens only at batch 1), each row in its own chunks."""
+        ids, pos, images = request.ids, request.positions, request.images
+        if len(self.prompt_calls(end)) == 2:
+            return self._run(graph, images, ids[:, :end], np.minimum(lengths - 1, end - 1), end,
+                             pos[..., :end] if self.position_axes > 1 else None, first)
+        gpu = None
+        for r in reversed(range(ids.shape[0])):  # row 0 last: each call writes its logits to row 0's place
+            edges = self.prompt_calls(int(lengths[r]))
+            for a, z in zip(edges, edges[1:]):
+                logits, ms = self._run(graph, None, ids[r:r + 1, a:z], np.array([z - 1]), z, None, first + r)
+                gpu = ms if gpu is None else gpu + (ms or 0.0)
+            if self.io[graph].logits and r:
+                self._logits[r] = logits[0]
+        return self._logits[:ids.shape[0]], gpu
+
     def prompt(self, request: Request, mode="pop", first=0, stats=None, observe=None):
         """The prompt phase of a request's rows in KV rows first..first+B-1: returns the logits [B, vocab]
         of each row's first new token.  POP: tokens 0..len-2 of each row through the prefill graph, the
@@ -322,8 +364,7 @@ class PopSession:
         if mode == "pop" and n > 1:
             # Prompt tokens 0..len-2 of each row; a one-token row has none, and its slot 0 is written
             # again by the boundary step.
-            gpu["prefill"] = self._run("prefill", request.images, ids[:, :n - 1], np.maximum(lengths - 2, 0), n - 1,
-                                       pos[..., :n - 1] if mrope else None, first)[1]
+            gpu["prefill"] = self._prompt_phase("prefill", request, n - 1, np.maximum(lengths - 1, 1), first)[1]
             observe("prefill", None)
             t2 = time.perf_counter()
             stats["prefill_ms"] = (t2 - t1) * 1e3
@@ -331,8 +372,7 @@ class PopSession:
             stats["boundary_ms"] = (time.perf_counter() - t2) * 1e3
             observe("boundary", logits)
         else:
-            logits, gpu["prefill"] = self._run("decode", request.images, ids, lengths - 1, n,
-                                               pos if mrope else None, first)
+            logits, gpu["prefill"] = self._prompt_phase("decode", request, n, lengths, first)
             stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3, 0.0
             gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
             observe("full", logits)

@@ -69,6 +69,11 @@ def test_token_outside_vocabulary(artifacts):
     assert_one_line_error(run, "outside the vocabulary")
 
 
+def test_negative_prompt_chunk(artifacts):
+    run = cli("pop-generate", artifacts, "--prompt-ids", "1,72", "--prompt-chunk", "-1")
+    assert_one_line_error(run, "--prompt-chunk takes a number of tokens", "got -1")
+
+
 def test_missing_folder(tmp_path):
     assert_one_line_error(cli("pop-generate", tmp_path / "nothing", "--prompt", "x"), "not a folder")
 

@@ -140,6 +140,51 @@ def test_sliding_layers_read_from_their_window(exports):
     assert shifts[0] == 4 and 0 in shifts and max(shifts) >= 8
 
 
+def test_prompt_in_chunks_gives_the_logits_of_one_call(family, exports, hf_models):
+    """A prompt phase in chunks of 5 tokens (ONNX Runtime on the CPU chunks at PROMPT_CHUNK) leaves the KV
+    buffer and the logits of one call, at every phase and step in both modes, past tiny-gemma3's window of
+    8; POP in chunks still generates the reference's tokens, and rows of different lengths get their own."""
+    from pop.runtime.backends.ort import PROMPT_CHUNK
+    from pop.runtime.session import MODES
+    directory = exports(family)
+    chunked, whole = PopSession.load(directory, prompt_chunk=5), PopSession.load(directory, prompt_chunk=0)
+    assert whole.prompt_chunk is None and PopSession.load(directory).prompt_chunk == PROMPT_CHUNK
+    calls, run = [], chunked.backend.run
+    chunked.backend.run = lambda graph, inputs, outputs: calls.append((graph, inputs["input_ids"].shape[1])) or \
+        run(graph, inputs, outputs)
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(3, 250, (23,), generator=g).tolist() for _ in range(2)]
+    for mode in MODES:
+        seen = {}
+        for name, session in (("chunked", chunked), ("whole", whole)):
+            seen[name] = []
+
+            def keep(phase, logits, out=seen[name], session=session):
+                written = session.kv.cache[:, :, :2, :, :31].copy()  # both rows, the prompt and 8 tokens
+                out.append((phase, None if logits is None else logits.copy(), written))
+            for _ in session.run(session.encode(rows), 8, mode, observe=keep):
+                pass
+        assert [p for p, *_ in seen["chunked"]] == [p for p, *_ in seen["whole"]]
+        for (phase, a, ka), (_, b, kb) in zip(seen["chunked"], seen["whole"]):
+            np.testing.assert_allclose(ka, kb, atol=1e-5, rtol=0, err_msg=f"{mode} {phase} KV")
+            if a is not None:
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{mode} {phase}")
+    prompt = [c for c in calls if c[1] > 1]
+    # per row, 22 POP prefill slots and 23 full-mode ones, each in 5 calls of near-equal size
+    assert prompt == [("prefill", n) for n in (4, 5, 4, 5, 4) * 2] + [("decode", n) for n in (5, 4, 5, 4, 5) * 2]
+    hf = hf_models(family)
+    ids = _ids(hf, PROMPTS[1])
+    expected = reference.generate(hf.model, torch.tensor([ids]), keep=chunked.manifest.pop.prefill_layers,
+                                  max_new_tokens=NEW, eos_ids=chunked.eos_ids)[0].tolist()
+    got = chunked.generate(ids, NEW).output_ids[0]
+    assert got == expected[:len(got)] and (len(got) == len(expected) or got[-1] in chunked.eos_ids)
+    for mode in MODES:  # rows of different lengths: each in its own chunks, the same first logits
+        got = [next(s.run(s.encode([rows[0], rows[1][:9]]), 1, mode, sampler=lambda x: x.argmax(-1))) for s in
+               (chunked, whole)]
+        np.testing.assert_array_equal(*got)
+        np.testing.assert_allclose(chunked._logits[:2], whole._logits[:2], atol=1e-5, rtol=0)
+
+
 def _rows(kv, layer, kind, row, length):
     """Row `row`'s first `length` cached K (kind 0) or V entries, [slots, kv_heads, head_dim]."""
     return kv.cache[layer, kind, row, :, :length].transpose(1, 0, 2)
