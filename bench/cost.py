@@ -9,7 +9,9 @@ are left out (they are linear in tokens and small).  Per layer and token:
 
 Attention is counted dense over all P+T keys for every one of the T new
 tokens, because that is what the exported graphs execute: causal and sliding
-masks are applied to full score matrices, not skipped.  The KV-projection head
+masks are applied to full score matrices, not skipped.  (On ONNX Runtime's CPU the runtime reads
+prompts of more than 512 tokens in chunks, PopSession.prompt_calls, which skips about half of those
+scores: there a FLOP rate from this count overstates the work done at long prompts.)  The KV-projection head
 of a pruned layer is its K and V projections, 2 * 2*H*Hkv*D per token.  Logits
 (2*H*V) are computed for the last position only, in both modes.
 
