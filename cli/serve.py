@@ -88,7 +88,8 @@ def _serve_on_ray(args):
     artifacts = Path(args.artifacts).resolve()
     Manifest.load(artifacts)  # a bad folder fails here in one line, not in every replica
     app = deployment(RayOptions(str(artifacts), args.mode, args.max_batch, args.max_queue, args.threads or 1,
-                                args.backend, args.model_name, args.grace, args.replicas, args.autoscale))
+                                args.backend, args.model_name, args.grace, args.replicas, args.autoscale,
+                                args.prompt_chunk))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -35,12 +35,15 @@ class RayOptions:
     grace: float = 30.0
     replicas: int = 1
     autoscale: tuple | None = None  # (min, max) replicas; replaces `replicas`
+    prompt_chunk: int | None = None  # tokens per graph call reading a prompt; 0: one call; None: the backend's
 
     def check(self):
         if self.mode not in MODES:
             raise PopError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         if self.max_batch < 1 or self.max_queue < 0 or self.threads < 1 or self.replicas < 1:
             raise PopError("need max_batch >= 1, max_queue >= 0, threads >= 1 and replicas >= 1")
+        if self.prompt_chunk is not None and self.prompt_chunk < 0:
+            raise PopError(f"prompt_chunk takes a number of tokens (0: one call), got {self.prompt_chunk}")
         if self.autoscale and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
             raise PopError("autoscale takes MIN,MAX replicas with 0 <= MIN <= MAX and MAX >= 1")
         return self
@@ -54,7 +57,7 @@ class PopReplica:
         from pop.runtime.engine import Engine
         from pop.runtime.session import PopSession
         o = RayOptions(**options)
-        session = PopSession.load(o.artifacts, backend=o.backend, threads=o.threads)
+        session = PopSession.load(o.artifacts, backend=o.backend, threads=o.threads, prompt_chunk=o.prompt_chunk)
         self.engine = Engine(session, o.max_batch, o.max_queue, o.mode)
         self.options = o
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -88,10 +91,11 @@ def deployment(o: RayOptions):
 
 def build_app(args: dict):
     """`serve run pop.serve.ray_app:build_app artifacts=DIR [replicas=N | autoscale=MIN,MAX] [mode=pop|full]
-    [max_batch=4] [max_queue=64] [threads=1] [backend=ort] [model_name=NAME] [grace=30]`."""
+    [max_batch=4] [max_queue=64] [threads=1] [backend=ort] [model_name=NAME] [grace=30] [prompt_chunk=N]`."""
     if "artifacts" not in args:
         raise PopError("build_app needs artifacts=DIR (a folder every node can read)")
-    types = {"max_batch": int, "max_queue": int, "threads": int, "replicas": int, "grace": float}
+    types = {"max_batch": int, "max_queue": int, "threads": int, "replicas": int, "grace": float,
+             "prompt_chunk": int}
     o = {k: types.get(k, str)(v) for k, v in args.items() if k != "autoscale"}
     if "autoscale" in args:
         o["autoscale"] = tuple(int(v) for v in str(args["autoscale"]).split(","))

@@ -227,12 +227,15 @@ def test_build_app_reads_serve_run_arguments(exports):
     from pop.runtime.errors import PopError
     from pop.serve.ray_app import build_app
     artifacts = str(exports("tiny-llama"))
-    app = build_app({"artifacts": artifacts, "autoscale": "1,3", "max_batch": "3", "mode": "full"})
+    app = build_app({"artifacts": artifacts, "autoscale": "1,3", "max_batch": "3", "mode": "full",
+                     "prompt_chunk": "64"})
     assert isinstance(app, Application)
     options = app._bound_deployment.init_args[0]
-    assert (options["autoscale"], options["max_batch"], options["mode"]) == ((1, 3), 3, "full")
+    assert (options["autoscale"], options["max_batch"], options["mode"], options["prompt_chunk"]) == \
+        ((1, 3), 3, "full", 64)
     for args, fragment in (({}, "artifacts="), ({"artifacts": artifacts, "mode": "fast"}, "unknown mode"),
                            ({"artifacts": artifacts, "autoscale": "3,1"}, "MIN,MAX"),
+                           ({"artifacts": artifacts, "prompt_chunk": "-1"}, "prompt_chunk takes"),
                            ({"artifacts": artifacts, "colour": "red"}, "colour")):
         with pytest.raises(PopError, match=fragment):
             build_app(args)
