@@ -124,6 +124,12 @@ class GraphIO:
         return inputs, outputs, [(where, array) for (_, where), array in zip(self.placed, staged)]
 
 
+def check_prompt_chunk(n):
+    """None (the backend's choice), 0 (one call) or a number of tokens per call; else one line."""
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise PopError(f"--prompt-chunk takes a number of tokens (0: the whole prompt in one call), got {n!r}")
+
+
 class PopSession:
     # Sliding layers read their past from the first slot any row's window reaches (GraphIO.window_shift);
     # False binds it from slot 0, which computes the same, slower at long contexts (for A/B and tests).
@@ -159,9 +165,7 @@ class PopSession:
         tf32 (GPU backends, fp32 artifacts): matrix products in TF32, faster and about 1e-3 off;
         off by default, so that fp32 on a GPU gives fp32's answers.  prompt_chunk: tokens per graph call in
         a prompt phase, 0 for one call, None for the backend's choice (see prompt_calls())."""
-        if prompt_chunk is not None and (not isinstance(prompt_chunk, int) or prompt_chunk < 0):
-            raise PopError(f"--prompt-chunk takes a number of tokens (0: the whole prompt in one call), "
-                           f"got {prompt_chunk!r}")
+        check_prompt_chunk(prompt_chunk)
         directory = Path(directory)
         manifest = Manifest.load(directory)
         from tokenizers import Tokenizer

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from ray import serve
 
 from pop.runtime.errors import PopError
-from pop.runtime.session import MODES
+from pop.runtime.session import MODES, check_prompt_chunk
 
 
 @dataclass
@@ -42,8 +42,7 @@ class RayOptions:
             raise PopError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         if self.max_batch < 1 or self.max_queue < 0 or self.threads < 1 or self.replicas < 1:
             raise PopError("need max_batch >= 1, max_queue >= 0, threads >= 1 and replicas >= 1")
-        if self.prompt_chunk is not None and self.prompt_chunk < 0:
-            raise PopError(f"prompt_chunk takes a number of tokens (0: one call), got {self.prompt_chunk}")
+        check_prompt_chunk(self.prompt_chunk)
         if self.autoscale and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
             raise PopError("autoscale takes MIN,MAX replicas with 0 <= MIN <= MAX and MAX >= 1")
         return self

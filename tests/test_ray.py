@@ -235,7 +235,7 @@ def test_build_app_reads_serve_run_arguments(exports):
         ((1, 3), 3, "full", 64)
     for args, fragment in (({}, "artifacts="), ({"artifacts": artifacts, "mode": "fast"}, "unknown mode"),
                            ({"artifacts": artifacts, "autoscale": "3,1"}, "MIN,MAX"),
-                           ({"artifacts": artifacts, "prompt_chunk": "-1"}, "prompt_chunk takes"),
+                           ({"artifacts": artifacts, "prompt_chunk": "-1"}, "prompt-chunk takes"),
                            ({"artifacts": artifacts, "colour": "red"}, "colour")):
         with pytest.raises(PopError, match=fragment):
             build_app(args)
