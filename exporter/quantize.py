@@ -49,9 +49,9 @@ def default_compute(weights: str, dtype: str = "float32") -> str:
     everywhere; int4 takes them for decode steps (1.3-1.5x faster) and keeps fp32 products in POP's prefill
     graph, within 5% of int8 activations' speed there either way and a little closer to the fp32 model.
     float16 graphs (for the GPU) compute in float16."""
-    if dtype != "float32" or weights == "fp32":
+    if dtype != "float32":
         return "fp32"
-    return {"int8": "int8", "int4": "int8-decode"}[weights]
+    return {"int8": "int8", "int4": "int8-decode"}.get(weights, "fp32")  # scheme_for judges unknown weights
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import cli, generate_json, hf_greedy
 from pop.exporter import quantize, tiny
 from pop.exporter.options import ExportOptions
+from pop.runtime.errors import PopError
 from pop.runtime.session import PopSession
 
 PROMPT_IDS = [1, 45, 67, 89, 23, 56, 78, 90, 12, 34, 11, 99]
@@ -207,6 +208,8 @@ def test_weights_compute_defaults_to_the_measured_faster_choice(tmp_path):
     assert graphs(weights="int4", dtype="fp16") == ()
     assert graphs(weights="int8", weights_compute="fp32") == ()
     assert ExportOptions("tiny-llama", tmp_path / "o").scheme() is None
+    with pytest.raises(PopError, match="unknown --weights 'int3'"):  # one line from the API too
+        graphs(weights="int3")
 
 
 def _logits(session, ids, n):
