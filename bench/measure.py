@@ -4,6 +4,8 @@ Each run times both modes back to back on the same prompt, alternating which
 goes first, and the speedup is taken per run pair before the median: drift of
 the machine (frequency, other load) hits both halves of a pair alike.
 """
+import time
+
 import numpy as np
 
 from pop.runtime.memory import peak_rss_bytes
@@ -40,6 +42,16 @@ def stat(values):
             "min": float(v.min()), "max": float(v.max()), "runs": [float(x) for x in v]}
 
 
+# Seconds every timed run waits before it starts.  ONNX Runtime's threads, ours and a peer's in its own
+# process alike, spin for some milliseconds after a run (about 20 here) unless told not to; a run started
+# at once shares the cores with them.  Each engine is timed as it would run alone on the machine.
+SETTLE_S = 0.1
+
+
+def settle():
+    time.sleep(SETTLE_S)
+
+
 def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, images=None, between=None):
     """POP and full mode on the same ids.  Full-mode runs stop at the first token:
     the decode steps after it are the same graph at the same shapes as in POP mode.
@@ -54,6 +66,7 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
     for i in range(warmup + runs):
         pair = {}
         for mode in (("pop", "full") if i % 2 == 0 else ("full", "pop")):
+            settle()
             stats = {}
             for n, token in enumerate(session.steps(rows, new_tokens if mode == "pop" else 1, mode, stats=stats,
                                                     images=images)):

@@ -98,6 +98,7 @@ def bench(args):
 
                 def turns(i, counted, b=b, n=n, ids=ids):
                     for peer in rotation.values():
+                        measure.settle()
                         peer.turn(b, n, ids, counted, first_of_config=i == 0)
                         bar.update()
 

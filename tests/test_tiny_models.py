@@ -339,3 +339,18 @@ def test_json_contract_with_a_single_new_token(exports):
     got = generate_json(exports("tiny-llama"), [1, 72], 1)
     assert set(got) >= {"prompt_ids", "output_ids", "text", "ttft_ms", "decode_ms_per_token"}
     assert len(got["output_ids"]) == 1 and got["decode_ms_per_token"] is None and got["ttft_ms"] > 0
+
+
+def test_session_threads_release_the_cores_between_runs(exports):
+    """Each graph's threads leave the cores to the other graph's when a run returns: the decode session spins
+    between its ops and stops at the end of each run, the prefill session never spins (timed in
+    benchmarks/spinning.py)."""
+    def entry(session, key):
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # not set: ONNX Runtime's default
+            return None
+    sessions = PopSession.load(exports("tiny-llama")).backend.sessions
+    assert entry(sessions["decode"], "session.force_spinning_stop") == "1"
+    assert entry(sessions["decode"], "session.intra_op.allow_spinning") in (None, "1")
+    assert entry(sessions["prefill"], "session.intra_op.allow_spinning") == "0"

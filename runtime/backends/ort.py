@@ -179,11 +179,15 @@ class OrtBackend:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.intra_op_num_threads = threads or 0
             opts.inter_op_num_threads = 1
+            # Each session has its own threads, which by default spin a while after each op for the next
+            # one, and go on spinning after the run has returned.  Then they fight the other session's
+            # threads over the cores: after a prefill call, the boundary step took twice a decode step on
+            # 2 cores; after decode steps, smollm2-135m's POP prompt of 1024 tokens took 552 ms against 530
+            # with the decode session's threads stopped at the end of each run, whose decode steps were no
+            # slower (benchmarks/README.md, "Threads").  So decode, whose ops are short, spins between its
+            # ops and stops when its run returns; the big graphs never spin.
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
             if graph not in ("decode", PROMPT):
-                # Each session has its own threads, which spin a while after a run for the next op.  After
-                # a prefill they would spin while the boundary step's threads wake up, fighting over the
-                # cores (the boundary step took twice a decode step on 2 cores).  The big graphs lose
-                # nothing by sleeping at once; decode, whose ops are short, keeps spinning.
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if not prepack:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
