@@ -45,8 +45,7 @@ def parser():
                    help="quantized products in fp32 (verified exactly), or with int8 activations in both graphs "
                         "(int8) or in the decode graph only (int8-decode: POP's prefill graph keeps fp32 products): "
                         "MatMulNBits accuracy_level 4, faster decode steps; its error is measured and recorded. "
-                        "Default: the faster as measured, int8 for --weights int8, int8-decode for int4; fp32 with "
-                        "--dtype fp16")
+                        "Default: int8 for --weights int8 and int4 (the faster as measured); fp32 with --dtype fp16")
     p.add_argument("--weights-asymmetric", action="store_true",
                    help="a zero point per block besides its scale: each block's range uses every code (default: "
                         "symmetric, no zero points)")

@@ -36,22 +36,23 @@ MS = "com.microsoft"
 
 
 # --weights-compute: the graphs whose MatMulNBits take int8 activations (accuracy_level 4, int32 sums)
-# instead of computing in fp32 (level 1).  On this project's CPU int8 activations made decode steps
-# faster and long prefills slower (benchmarks/quantized), hence the mixed choice.
+# instead of computing in fp32 (level 1).  int8-decode keeps fp32 products in POP's prefill graph.
 COMPUTE = {"fp32": (), "int8": ("prefill", "decode"), "int8-decode": ("decode",)}
 INT8_LEVEL = 4
 
 
 def default_compute(weights: str, dtype: str = "float32") -> str:
     """--weights-compute when none is given: the faster choice measured on this project's CPU
-    (benchmarks/quantized, both real models).  8-bit weights with fp32 products have no fast kernel in ONNX
-    Runtime 1.32's MLAS (decode 15-43x slower than with int8 activations), so int8 takes int8 activations
-    everywhere; int4 takes them for decode steps (1.3-1.5x faster) and keeps fp32 products in POP's prefill
-    graph, within 5% of int8 activations' speed there either way and a little closer to the fp32 model.
-    float16 graphs (for the GPU) compute in float16."""
+    (benchmarks/quantized).  8-bit weights with fp32 products have no fast kernel in ONNX Runtime 1.32's MLAS
+    (decode 15-43x slower than with int8 activations).  4-bit weights decode 1.3-1.5x faster with int8
+    activations; in a prompt's products they are faster from Llama-3.2-1B's sizes up (0.77-0.81 of fp32
+    products' time at Llama-3.2-1B and Llama-3-8B shapes, benchmarks/quantized/levels) and about even on the
+    two small real models (gemma3-270m's POP prompt 5% faster, smollm2-135m's 0-4% slower; first-token
+    KL within 4% of fp32 products').  So both take int8 activations in both graphs, as onnxruntime-genai's
+    CPU int4 does.  float16 graphs (for the GPU) compute in float16."""
     if dtype != "float32":
         return "fp32"
-    return {"int8": "int8", "int4": "int8-decode"}.get(weights, "fp32")  # scheme_for judges unknown weights
+    return {"int8": "int8", "int4": "int8"}.get(weights, "fp32")  # scheme_for judges unknown weights
 
 
 @dataclass(frozen=True)
