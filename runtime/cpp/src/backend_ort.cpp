@@ -41,6 +41,11 @@ class OrtBackend : public Backend {
       options.SetIntraOpNumThreads(threads > 0 ? threads : 0);
       options.SetInterOpNumThreads(1);
       options.AddConfigEntry("session.disable_prepacking", "1");  // no private re-laid-out copy per session
+      // Each session's threads would spin on after a run and take cores from the other graph's next call
+      // (runtime/backends/ort.py, benchmarks/README.md "Threads"): decode spins between its ops only,
+      // the prompt-sized graphs never.
+      options.AddConfigEntry("session.force_spinning_stop", "1");
+      if (name != "decode") options.AddConfigEntry("session.intra_op.allow_spinning", "0");
       try {
         auto session = std::make_unique<Ort::Session>(env_, m.path(g.file).c_str(), options);
         auto binding = std::make_unique<Ort::IoBinding>(*session);
