@@ -43,7 +43,11 @@ def child(a):
                 res["decode"].extend(st["decode_ms"])
                 if mode == "pop":
                     res["boundary"].append(st["boundary_ms"])
-    print(json.dumps({k: float(np.median(v)) for k, v in res.items()}))
+    out = {k: float(np.median(v)) for k, v in res.items()}
+    if a.report_memory:  # benchmarks/hugepages.py: how much of the process sits in huge pages
+        rollup = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+        out["anon_huge_mb"] = int(rollup["AnonHugePages"].split()[0]) / 1024
+    print(json.dumps(out))
 
 
 def main(argv=None):
@@ -55,6 +59,7 @@ def main(argv=None):
     p.add_argument("--processes", type=int, default=3, help="processes per variant, alternating")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", choices=("stop", "spin"), help=argparse.SUPPRESS)
+    p.add_argument("--report-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if a.variant:
