@@ -52,7 +52,7 @@ def default_compute(weights: str, dtype: str = "float32") -> str:
     CPU int4 does.  float16 graphs (for the GPU) compute in float16."""
     if dtype != "float32":
         return "fp32"
-    return {"int8": "int8", "int4": "int8"}.get(weights, "fp32")  # scheme_for judges unknown weights
+    return "int8" if weights in ("int8", "int4") else "fp32"  # scheme_for judges unknown weights
 
 
 @dataclass(frozen=True)
