@@ -6,10 +6,8 @@ back (bench/measure.py), before the next round.  Prints a table, writes OUT.json
         --chunks 0,128,256,512 --prompt-lens 512,1024,2048 --batch 1 --runs 3 --threads 2 \
         --out benchmarks/chunked-prompt/gemma3-270m-int4
 
-Chunk 0 is one call per prompt phase (what the runtime did before chunking).  Why chunks are faster on
-the CPU: ONNX Runtime's GroupQueryAttention multiplies every query of a call by every key up to the
-call's last slot and masks afterwards, so one call computes the whole square of scores, chunks about
-half of it (runtime/session.py, prompt_calls).
+Chunk 0 is one call per prompt phase (what the runtime did before chunking); benchmarks/chunked-prompt
+says what is known of why chunks are faster on the CPU.
 """
 import argparse
 import json

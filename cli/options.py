@@ -40,8 +40,8 @@ def add_runtime(p, backends):
                         "--no-prepack-weights holds them once, as the mapped file, and decodes slower")
     p.add_argument("--prompt-chunk", type=int, default=None, metavar="N",
                    help="tokens per graph call while reading a prompt; 0: the whole prompt in one call. Default: "
-                        "the backend's choice (ONNX Runtime on the CPU: 512, where chunks skip attention scores "
-                        "its one-call attention computes and masks; the GPU backends: one call)")
+                        "the backend's choice (ONNX Runtime on the CPU: 512, measured faster than one call; "
+                        "the GPU backends: one call)")
     p.add_argument("--tf32", action="store_true",
                    help="GPU backends, fp32 artifacts: matrix products in TF32 (faster, about 1e-3 relative error). "
                         "Default: true fp32 (TensorRT engines keep what pop-export --tf32 chose)")

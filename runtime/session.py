@@ -312,11 +312,12 @@ class PopSession:
 
     def prompt_calls(self, tokens):
         """Where the graph calls over one row's `tokens` prompt slots begin and end: [0, tokens], or chunks
-        of at most prompt_chunk tokens, of near-equal size.  ONNX Runtime's CPU attention multiplies every
-        query of a call by every key up to the call's last slot and masks the rest afterwards (the upper
-        triangle, and what lies outside a sliding window), so in chunks a prompt computes about half the
-        scores; the matrix products do the same work either way, and each call adds its fixed cost.  VLM
-        prompts take one call: their image spans would cross chunks."""
+        of at most prompt_chunk tokens, of near-equal size.  On the CPU, chunks of 512 took 0.92 of one
+        call's time at 2048 tokens (fp32, ONNX Runtime 1.32, whose fp32 GroupQueryAttention skips key
+        blocks past the causal limit; 0.77 with that kernel turned off, whose attention scores the whole
+        square and masks it: benchmarks/chunked-prompt).  The matrix products do the same work either way,
+        and each call adds its fixed cost.  VLM prompts take one call: their image spans would cross
+        chunks."""
         c = self.prompt_chunk
         if not c or tokens <= c or self.mm is not None:
             return [0, tokens]

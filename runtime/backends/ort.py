@@ -135,8 +135,7 @@ class OrtBackend:
                            "ONNX Runtime's CPU provider has no bf16 kernels")
         self.device = device
         self.name = "ort" if device == "cpu" else "ort-cuda"
-        # The CPU's GroupQueryAttention scores every query of a call against every key up to its last slot
-        # and masks afterwards; prompts in chunks skip most of the masked part (PopSession.prompt_calls).
+        # Prompts in chunks measured faster on the CPU (PopSession.prompt_calls, benchmarks/chunked-prompt).
         # The plain form and CUDA's flash attention are left whole.
         fused = all(spec.form == "fused" for g, spec in manifest.graphs.items() if g != "vision")
         self.prompt_chunk = PROMPT_CHUNK if device == "cpu" and fused else None
