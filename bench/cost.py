@@ -8,10 +8,10 @@ are left out (they are linear in tokens and small).  Per layer and token:
     attention    4 * Hq*D * (P + T) / token             QK^T and PV, dense
 
 Attention is counted dense over all P+T keys for every one of the T new
-tokens, because that is what the exported graphs execute: causal and sliding
-masks are applied to full score matrices, not skipped.  (On ONNX Runtime's CPU the runtime reads
-prompts of more than 512 tokens in chunks, PopSession.prompt_calls, which skips about half of those
-scores: there a FLOP rate from this count overstates the work done at long prompts.)  The KV-projection head
+tokens, because that is what the plain form executes: causal and sliding
+masks are applied to full score matrices, not skipped.  (ONNX Runtime 1.32's fused fp32 attention on
+the CPU skips key blocks past the causal limit, and the runtime reads long prompts in chunks: there a
+FLOP rate from this count overstates the work done at long prompts; benchmarks/chunked-prompt.)  The KV-projection head
 of a pruned layer is its K and V projections, 2 * 2*H*Hkv*D per token.  Logits
 (2*H*V) are computed for the last position only, in both modes.
 

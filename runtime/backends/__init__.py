@@ -18,7 +18,7 @@ None picks the artifacts' own: aoti for AOTInductor packages, ort for ONNX graph
 Optional: `place(block, new, start)` where the KV buffer is device memory (the
 runtime's own placement indexes host arrays), and `host_zeros(shape, dtype)`
 for host arrays the device writes every step (the GPU backends' pinned memory), and `prompt_chunk`, the
-tokens per call in which the session reads a prompt where one call would waste work (None: one call).
+tokens per call in which the session reads a prompt where that measured faster than one call (None: one call).
 """
 from dataclasses import dataclass
 
