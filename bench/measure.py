@@ -4,7 +4,10 @@ Each run times both modes back to back on the same prompt, alternating which
 goes first, and the speedup is taken per run pair before the median: drift of
 the machine (frequency, other load) hits both halves of a pair alike.
 """
+import json
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -101,3 +104,20 @@ def measure_runtime(session, ids, new_tokens, runs, warmup, tick=lambda: None, i
     out["first_tokens"] = first_tokens
     out["prompt_tokens"] = len(stats["prompt_ids"][0])
     return out
+
+
+def kernel_ms_by_operator(profile, runs):
+    """ONNX Runtime profile file -> ({operator type: median kernel ms per run}, median ms of a run), over the
+    last `runs` model runs in it (benchmarks' profiles of where a graph call's time goes)."""
+    events = json.loads(Path(profile).read_text())
+    timed = [e for e in events if e.get("name") == "model_run"][-runs:]
+    per = [defaultdict(float) for _ in timed]
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            for i, r in enumerate(timed):
+                if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
+                    per[i][e["args"]["op_name"]] += e["dur"] / 1e3
+                    break
+    ops = {op for p in per for op in p}
+    return ({op: float(np.median([p.get(op, 0.0) for p in per])) for op in ops},
+            float(np.median([r["dur"] / 1e3 for r in timed])))

@@ -9,32 +9,15 @@ length (onnxruntime-genai may size sliding-window layers' buffers otherwise: rea
         artifacts/genai/smollm2-135m-fp32 --prompt-len 128 --threads 2
 """
 import argparse
-import json
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from pop.bench.measure import SETTLE_S, prompt_ids
+from pop.bench.measure import SETTLE_S, kernel_ms_by_operator, prompt_ids
 from pop.runtime.session import PopSession
-
-
-def by_operator(path, runs):
-    """{op type: median kernel ms per run} over the last `runs` model runs of a profile."""
-    events = json.loads(Path(path).read_text())
-    timed = [e for e in events if e.get("name") == "model_run"][-runs:]
-    per = [defaultdict(float) for _ in timed]
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            for i, r in enumerate(timed):
-                if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
-                    per[i][e["args"]["op_name"]] += e["dur"] / 1e3
-    ops = {op for p in per for op in p}
-    return {op: float(np.median([p.get(op, 0.0) for p in per])) for op in ops}, \
-        float(np.median([r["dur"] / 1e3 for r in timed]))
 
 
 PLAIN = ort.SessionOptions  # ours() swaps it for profiled_options while our sessions load
@@ -57,7 +40,7 @@ def ours(artifacts, ids, runs, threads, prefix):
         time.sleep(SETTLE_S)
         for _ in session.steps([ids], 1, "full"):
             pass
-    return by_operator(session.backend.sessions["decode"].end_profiling(), runs)
+    return kernel_ms_by_operator(session.backend.sessions["decode"].end_profiling(), runs)
 
 
 def theirs(build, ids, runs, threads, max_len, head_dim, prefix):
@@ -79,7 +62,7 @@ def theirs(build, ids, runs, threads, max_len, head_dim, prefix):
     for _ in range(runs + 1):
         time.sleep(SETTLE_S)
         session.run_with_iobinding(io)
-    return by_operator(session.end_profiling(), runs)
+    return kernel_ms_by_operator(session.end_profiling(), runs)
 
 
 def main(argv=None):

@@ -5,16 +5,14 @@ then N steps, kernel time per operator type (median over steps).
         --context 1024 --steps 32 --threads 2
 """
 import argparse
-import json
 import os
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from pop.bench.measure import prompt_ids
+from pop.bench.measure import kernel_ms_by_operator, prompt_ids
 from pop.runtime.session import PopSession
 
 
@@ -44,21 +42,10 @@ def main(argv=None):
     for _ in session.steps([list(map(int, ids[0]))], a.steps, "pop", stats=stats):
         pass
     path = session.backend.sessions["decode"].end_profiling()
-    events = json.loads(Path(path).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"]
-    steps = runs[-(a.steps - 1):]  # the boundary step first, then the generated tokens'
-    by_op = defaultdict(lambda: defaultdict(float))
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        for i, r in enumerate(steps):
-            if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
-                by_op[e["args"]["op_name"]][i] += e["dur"] / 1e3
-                break
-    rows = sorted(((op, float(np.median([v.get(i, 0.0) for i in range(len(steps))]))) for op, v in by_op.items()),
-                  key=lambda x: -x[1])
-    run_ms = float(np.median([r["dur"] / 1e3 for r in steps]))
-    print(f"{a.artifacts.name}: decode step at {a.context} tokens of context, median over {len(steps)} steps, "
+    # its last steps - 1 runs: the boundary step, then the generated tokens'
+    by_op, run_ms = kernel_ms_by_operator(path, a.steps - 1)
+    rows = sorted(by_op.items(), key=lambda x: -x[1])
+    print(f"{a.artifacts.name}: decode step at {a.context} tokens of context, median over {a.steps - 1} steps, "
           f"profiler on: model run {run_ms:.2f} ms, kernels {sum(v for _, v in rows):.2f} ms; wall per token "
           f"{np.median(stats['decode_ms']):.2f} ms")
     print("| operator | ms per step |\n|---|---|")
