@@ -90,6 +90,10 @@ class PlainOps:
                 (past_slots < step.start[:, None])[:, None, None, None]
             step.masks[window] = (past_mask, _allowed(step, q_pos, q_pos, new_groups, window))
 
+    def packed_attention(self, ad):
+        """Whether attention takes a layer's packed Q/K/V product whole (k and v None)."""
+        return False
+
     def norm(self, module, x):
         return module(x)
 
@@ -153,6 +157,12 @@ class FusedOps(PlainOps):
             step.masks = {w: torch.where(_allowed(step, q_pos, slots, k_groups, w)[:, 0], 0.0, NEG)
                           for w in graph.windows}
 
+    def packed_attention(self, ad):
+        # GroupQueryAttention reads Q, K and V from one packed [B, T, (Hq + 2 Hkv) * D] input, which spares
+        # the Split that copies them apart (2% of a 128-token prompt on smollm2-135m: benchmarks/genai/
+        # profile-128.md).  Only where it rotates them itself: M-RoPE rotates outside the operator.
+        return ad.position_axes == 1
+
     def norm(self, module, x):
         gamma, eps = graph_norm(module)
         return torch.ops.pop.rms_norm(x, gamma, eps)
@@ -167,7 +177,7 @@ class FusedOps(PlainOps):
         cos = sin = bias = None
         if ad.position_axes == 1:
             cos, sin = step.ropes[ad.rope_kind(l)]
-        else:
+        else:  # (q, k and v come apart here: packed_attention)
             cos_t, sin_t = step.ropes[ad.rope_kind(l)]
             q = apply_rope(split_heads(q, ad.num_heads), cos_t, sin_t)
             k = apply_rope(split_heads(k, ad.num_kv_heads), cos_t, sin_t)
@@ -180,7 +190,7 @@ class FusedOps(PlainOps):
             # the rotary positions stay the tokens' own.
             (seqlens, total), positions = step.window, step.positions
         out, present_k, present_v = torch.ops.pop.gqa(
-            _flat(q), _flat(k), _flat(v), past_k, past_v, seqlens, total, cos, sin, bias, positions,
+            _flat(q), None if k is None else _flat(k), None if v is None else _flat(v), past_k, past_v, seqlens, total, cos, sin, bias, positions,
             ad.num_heads, ad.num_kv_heads, float(ad.attn_scale(l)), float(ad.attn_softcap() or 0.0), window or -1)
         return out, present_k, present_v
 
@@ -281,7 +291,7 @@ def _(x, positions, cos, sin, num_heads):
 
 
 @torch.library.custom_op("pop::gqa", mutates_args=())
-def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+def gqa(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, past_k: torch.Tensor, past_v: torch.Tensor,
         seqlens: torch.Tensor, total: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
         bias: torch.Tensor | None, positions: torch.Tensor | None, num_heads: int, kv_heads: int, scale: float,
         softcap: float, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,9 +299,11 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
     its slots start..start+T-1 (see step_for), then attend causally to everything the row holds.
     cos/sin: rotary tables to apply inside (None: q and k come rotated), at `positions` [B, T] (int64)
     where given, else at the slots written; bias: the whole mask as an additive bias (non-causal), else
-    causal with an optional window; softcap 0 = none."""
+    causal with an optional window; softcap 0 = none.  k and v None: q is the packed [B, T, (Hq + 2 Hkv) * D]."""
     b, t, _ = q.shape
     d = past_k.shape[-1]
+    if k is None:
+        q, k, v = q.split([num_heads * d, kv_heads * d, kv_heads * d], -1)
     step = step_for(seqlens, total, t)
     qh, kh, vh = q.reshape(b, t, num_heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
     if cos is not None:
@@ -347,4 +359,5 @@ def _(q, k, v, bias, num_heads, scale):
 @gqa.register_fake
 def _(q, k, v, past_k, past_v, seqlens, total, cos, sin, bias, positions, num_heads, kv_heads, scale, softcap,
       window):
-    return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
+    b, t, _ = q.shape
+    return q.new_empty(b, t, num_heads * past_k.shape[-1]), torch.empty_like(past_k), torch.empty_like(past_v)

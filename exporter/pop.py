@@ -164,11 +164,14 @@ class PopGraph(nn.Module):
         return None if w is None else nn.functional.linear(x, w, getattr(self, f"packed_{name}_bias_{l}", None))
 
     def _qkv(self, l, x):
-        """(q, k, v) of a full layer, as _q and _kv give them: one packed product where the form has it."""
+        """(q, k, v) of a full layer, as _q and _kv give them: one packed product where the form has it,
+        and that product whole as q (k and v None) where the form's attention takes it so."""
         y = self._packed("qkv", l, x)
         if y is None:
             return (self._q(l, x), *self._kv(l, x))
         q_norm, k_norm = self.ad.qk_norms(l)
+        if q_norm is None and k_norm is None and self.ops.packed_attention(self.ad):
+            return y, None, None  # the attention operator splits the packed product itself: no copy
         q, k, v = y.split([m.out_features for m in self.ad.qkv_proj(l)], -1)
         q = q if q_norm is None else self.ops.norm(q_norm, split_heads(q, self.ad.num_heads))
         k = k if k_norm is None else self.ops.norm(k_norm, split_heads(k, self.ad.num_kv_heads))

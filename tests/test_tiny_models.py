@@ -354,3 +354,22 @@ def test_session_threads_release_the_cores_between_runs(exports):
     assert entry(sessions["decode"], "session.force_spinning_stop") == "1"
     assert entry(sessions["decode"], "session.intra_op.allow_spinning") in (None, "1")
     assert entry(sessions["prefill"], "session.intra_op.allow_spinning") == "0"
+
+
+def test_attention_takes_the_packed_product_where_nothing_comes_between(family, exports):
+    """The fused form feeds a layer's packed Q/K/V product to GroupQueryAttention whole (the operator splits
+    it without a copy) where no per-head norm comes between (Llama); Qwen3 and Gemma-3 norm queries and
+    keys per head, so theirs are split first.  The numbers are the reference's either way (the graph
+    comparisons above)."""
+    import onnx
+    directory = exports(family)
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+        producer = {o: n for n in model.graph.node for o in n.output}
+        attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert attention, graph
+        for n in attention:
+            packed = n.input[1] == "" and n.input[2] == ""
+            assert packed == (family == "tiny-llama"), (graph, n.name, list(n.input[:3]))
+            if packed:
+                assert producer[n.input[0]].op_type == "MatMul", producer[n.input[0]].op_type
