@@ -177,7 +177,7 @@ class FusedOps(PlainOps):
         cos = sin = bias = None
         if ad.position_axes == 1:
             cos, sin = step.ropes[ad.rope_kind(l)]
-        else:  # (q, k and v come apart here: packed_attention)
+        else:  # M-RoPE rotates here, so its Q, K and V come apart (packed_attention)
             cos_t, sin_t = step.ropes[ad.rope_kind(l)]
             q = apply_rope(split_heads(q, ad.num_heads), cos_t, sin_t)
             k = apply_rope(split_heads(k, ad.num_kv_heads), cos_t, sin_t)
@@ -190,7 +190,7 @@ class FusedOps(PlainOps):
             # the rotary positions stay the tokens' own.
             (seqlens, total), positions = step.window, step.positions
         out, present_k, present_v = torch.ops.pop.gqa(
-            _flat(q), None if k is None else _flat(k), None if v is None else _flat(v), past_k, past_v, seqlens, total, cos, sin, bias, positions,
+            _flat(q), _flat(k), _flat(v), past_k, past_v, seqlens, total, cos, sin, bias, positions,
             ad.num_heads, ad.num_kv_heads, float(ad.attn_scale(l)), float(ad.attn_softcap() or 0.0), window or -1)
         return out, present_k, present_v
 
@@ -210,8 +210,8 @@ def split_heads(x, n):
 
 
 def _flat(x):
-    """[B, T, H*D] of [B, T, H, D]; unchanged when it already is."""
-    return x if x.dim() == 3 else x.reshape(*x.shape[:2], -1)
+    """[B, T, H*D] of [B, T, H, D]; unchanged when it already is (or None: K and V packed with Q)."""
+    return x if x is None or x.dim() == 3 else x.reshape(*x.shape[:2], -1)
 
 
 def _per_token(graph, kind, positions):
