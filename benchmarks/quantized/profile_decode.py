@@ -1,8 +1,11 @@
 """Where a decode step's time goes: ONNX Runtime's profiler on the decode session of an export, one prompt
-then N steps, kernel time per operator type (median over steps).
+then N steps, kernel time per operator type (median over steps).  --graph prefill: the same for the prefill
+graph's calls over --prompts POP prompts of --context tokens (median over their calls, after a warm-up prompt).
 
     .venv/bin/python benchmarks/quantized/profile_decode.py artifacts/gemma3-270m-onnx-pop-int4-mixed \
         --context 1024 --steps 32 --threads 2
+    .venv/bin/python benchmarks/quantized/profile_decode.py artifacts/smollm2-135m-onnx-pop-int4 \
+        --graph prefill --context 1024 --prompts 4 --threads 2
 """
 import argparse
 import os
@@ -12,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pop.bench.measure import kernel_ms_by_operator, prompt_ids
+from pop.bench.measure import kernel_ms_by_operator, prompt_ids, settle
 from pop.runtime.session import PopSession
 
 
@@ -22,6 +25,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--graph", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--prompts", type=int, default=4, help="--graph prefill: timed POP prompts")
     a = p.parse_args(argv)
     plain = ort.SessionOptions
     prefix = Path(tempfile.mkdtemp()) / "decode"
@@ -38,17 +43,29 @@ def main(argv=None):
         ort.SessionOptions = plain
     m = session.manifest
     ids = prompt_ids(m.model.vocab_size, session.eos_ids, 1, a.context, m.tokenizer.bos_id)
-    stats = {}
-    for _ in session.steps([list(map(int, ids[0]))], a.steps, "pop", stats=stats):
-        pass
-    path = session.backend.sessions["decode"].end_profiling()
-    # its last steps - 1 runs: the boundary step, then the generated tokens'
-    by_op, run_ms = kernel_ms_by_operator(path, a.steps - 1)
+    prompt = list(map(int, ids[0]))
+    if a.graph == "prefill":
+        calls = len(session.prompt_calls(a.context - 1)) - 1  # the prefill graph's calls per prompt
+        for _ in range(a.prompts + 1):
+            settle()
+            for _ in session.steps([prompt], 1, "pop"):
+                pass
+        by_op, run_ms = kernel_ms_by_operator(session.backend.sessions["prefill"].end_profiling(), a.prompts * calls)
+        title = (f"prefill graph over a POP prompt of {a.context} tokens ({calls} calls), median over "
+                 f"{a.prompts * calls} calls", "per call", "")
+    else:
+        stats = {}
+        for _ in session.steps([prompt], a.steps, "pop", stats=stats):
+            pass
+        # its last steps - 1 runs: the boundary step, then the generated tokens'
+        by_op, run_ms = kernel_ms_by_operator(session.backend.sessions["decode"].end_profiling(), a.steps - 1)
+        title = (f"decode step at {a.context} tokens of context, median over {a.steps - 1} steps", "per step",
+                 f"; wall per token {np.median(stats['decode_ms']):.2f} ms")
     rows = sorted(by_op.items(), key=lambda x: -x[1])
-    print(f"{a.artifacts.name}: decode step at {a.context} tokens of context, median over {a.steps - 1} steps, "
-          f"profiler on: model run {run_ms:.2f} ms, kernels {sum(v for _, v in rows):.2f} ms; wall per token "
-          f"{np.median(stats['decode_ms']):.2f} ms")
-    print("| operator | ms per step |\n|---|---|")
+    what, unit, wall = title
+    print(f"{a.artifacts.name}: {what}, profiler on: model run {run_ms:.2f} ms, kernels "
+          f"{sum(v for _, v in rows):.2f} ms{wall}")
+    print(f"| operator | ms {unit} |\n|---|---|")
     for op, ms in rows:
         print(f"| {op} | {ms:.2f} |")
     for f in prefix.parent.glob("*.json"):
