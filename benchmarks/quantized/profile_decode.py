@@ -51,18 +51,18 @@ def main(argv=None):
             for _ in session.steps([prompt], 1, "pop"):
                 pass
         by_op, run_ms = kernel_ms_by_operator(session.backend.sessions["prefill"].end_profiling(), a.prompts * calls)
-        title = (f"prefill graph over a POP prompt of {a.context} tokens ({calls} calls), median over "
-                 f"{a.prompts * calls} calls", "per call", "")
+        what = (f"prefill graph over a POP prompt of {a.context} tokens ({calls} calls), "
+                f"median over {a.prompts * calls} calls")
+        unit, wall = "per call", ""
     else:
         stats = {}
         for _ in session.steps([prompt], a.steps, "pop", stats=stats):
             pass
         # its last steps - 1 runs: the boundary step, then the generated tokens'
         by_op, run_ms = kernel_ms_by_operator(session.backend.sessions["decode"].end_profiling(), a.steps - 1)
-        title = (f"decode step at {a.context} tokens of context, median over {a.steps - 1} steps", "per step",
-                 f"; wall per token {np.median(stats['decode_ms']):.2f} ms")
+        what, unit = f"decode step at {a.context} tokens of context, median over {a.steps - 1} steps", "per step"
+        wall = f"; wall per token {np.median(stats['decode_ms']):.2f} ms"
     rows = sorted(by_op.items(), key=lambda x: -x[1])
-    what, unit, wall = title
     print(f"{a.artifacts.name}: {what}, profiler on: model run {run_ms:.2f} ms, kernels "
           f"{sum(v for _, v in rows):.2f} ms{wall}")
     print(f"| operator | ms {unit} |\n|---|---|")
