@@ -44,7 +44,9 @@ def parser():
     p.add_argument("--weights-compute", choices=COMPUTE,
                    help="quantized products in fp32 (verified exactly), or with int8 activations in both graphs "
                         "(int8) or in the decode graph only (int8-decode: POP's prefill graph keeps fp32 products): "
-                        "MatMulNBits accuracy_level 4, faster decode steps; its error is measured and recorded. "
+                        "MatMulNBits accuracy_level 4, faster decode steps; or int8-gemm: the decode graph as int8, "
+                        "POP's prefill graph as integer GEMMs over int8 weights derived at load (the fastest prompts "
+                        "on the CPU, ONNX Runtime's CPU provider only); the error is measured and recorded. "
                         "Default: int8 for --weights int8 and int4 (the faster as measured); fp32 with --dtype fp16")
     p.add_argument("--weights-asymmetric", action="store_true",
                    help="a zero point per block besides its scale: each block's range uses every code (default: "

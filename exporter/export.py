@@ -146,15 +146,26 @@ def quantize_weights(job):
 
 
 def int8_compute(job, manifest):
-    """--weights-compute int8 or int8-decode: the graphs were verified with fp32 products (exact up to
-    rounding); now those chosen take int8 activations, and how far that moves them from the reference
-    is measured and recorded rather than held to fp32's tolerance, which it cannot meet."""
-    if not job.scheme or not job.scheme.int8_graphs:
+    """--weights-compute int8, int8-decode or int8-gemm: the graphs were verified with fp32 products (exact up
+    to rounding); now those chosen take int8 activations (MatMulNBits at accuracy_level 4, or integer GEMMs
+    over int8 weights derived at load: quantize.integer_products), and how far that moves them from the
+    reference is measured and recorded rather than held to fp32's tolerance, which it cannot meet."""
+    s = job.scheme
+    if not s or not (s.int8_graphs or s.integer_graphs):
         return
     q = manifest.weights.quantization
-    for name in job.scheme.int8_graphs:
+    for name in s.int8_graphs:
         quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, quantize.INT8_LEVEL)
         q.accuracy_level[name] = quantize.INT8_LEVEL
+    for name in s.integer_graphs:
+        derived = quantize.integer_products(job.directory / manifest.graphs[name].file, s, manifest.weights.file)
+        q.derived = (q.derived or []) + derived
+        q.integer_graphs = (q.integer_graphs or []) + [name]
+        q.accuracy_level.pop(name, None)
+        q.operators[name] = {"MatMulInteger": q.operators[name].pop("MatMulNBits"), **q.operators[name]}
+        job.progress(f"{name} graph: {q.operators[name]['MatMulInteger']} products as integer GEMMs, over "
+                     f"{len(derived)} int8 matrices derived at load")
+    manifest.save(job.directory)
     if job.options.skip_verify:
         return
     from .verify import verify as run_verification

@@ -25,6 +25,7 @@ of skewed values loses less to rounding.
 """
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,8 +38,10 @@ MS = "com.microsoft"
 
 # --weights-compute: the graphs whose MatMulNBits take int8 activations (accuracy_level 4, int32 sums)
 # instead of computing in fp32 (level 1).  int8-decode keeps fp32 products in POP's prefill graph.
-COMPUTE = {"fp32": (), "int8": ("prefill", "decode"), "int8-decode": ("decode",)}
+COMPUTE = {"fp32": (), "int8": ("prefill", "decode"), "int8-decode": ("decode",), "int8-gemm": ("decode",)}
 INT8_LEVEL = 4
+# ... and the graphs whose products become integer GEMMs instead (integer_products): int8-gemm's prefill graph
+INTEGER = {"int8-gemm": ("prefill",)}
 
 
 def default_compute(weights: str, dtype: str = "float32") -> str:
@@ -63,6 +66,7 @@ class Scheme:
     symmetric: bool = True  # False: a zero point per block (MatMulNBits' and GatherBlockQuantized's zero_points)
     keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in the export's dtype
     dtype: str = "float32"  # the graphs' float type, and so the scales': "float32" or "float16"
+    integer_graphs: tuple = ()  # graphs whose products become integer GEMMs after they verified (int8-gemm)
 
     @property
     def qmax(self):
@@ -86,7 +90,7 @@ def scheme_for(weights: str, block: int = 32, compute: str = "fp32", symmetric: 
     if compute not in COMPUTE:
         raise PopError(f"--weights-compute takes {' or '.join(COMPUTE)}, got {compute!r}")
     return None if weights == "fp32" else Scheme(BITS[weights], block, COMPUTE[compute], symmetric, keep_embedding,
-                                                 dtype)
+                                                 dtype, INTEGER.get(compute, ()))
 
 
 def set_accuracy_level(path, level):
@@ -304,3 +308,118 @@ def _drop_unused_initializers(graph):
     for name, value in list(graph.initializers.items()):
         if not value.uses() and not value.is_graph_output():
             del graph.initializers[name]
+
+
+# --- integer products (--weights-compute int8-gemm) ------------------------------------------------
+
+def integer_products(path, s: Scheme, weights_file: str):
+    """Every MatMulNBits of the graph file at `path` -> an integer GEMM, in place; returns the manifest's
+    DerivedTensor entries.
+
+    On this project's CPU, MatMulNBits with int8 activations runs a prompt's products no faster than fp32
+    MatMul, while MLAS's integer GEMM (MatMulInteger, int8 x int8 -> int32) runs them 2.5-3x faster
+    (benchmarks/int8-gemm).  Each product becomes: per token, scale = max |a| / 127 and a8 = round(a /
+    scale) + 128 (uint8, zero point 128); y = MatMulInteger(a8, W8) * (scale x the weight's per-column
+    scale).  Per token, not per
+    tensor, so that one token's large activations (an attention sink's) cost the others no precision.
+    W8 and its scales are initializers at the external data location "derived": the runtime computes them
+    at load from the same MatMulNBits weight the decode graph reads (runtime/backends/derived.py), so the
+    folder stores each weight once."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pop.runtime.backends.derived import DERIVED, int8_per_channel
+    from pop.runtime.manifest import DerivedTensor
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if graph.node and any(o.domain in ("", "ai.onnx") and o.version < 13 for o in model.opset_import):
+        raise ValueError("integer_products needs opset 13 or later (ReduceMax with axes as an input)")
+    consts = {
+        "int8gemm.axes": np.array([-1], np.int64),
+        "int8gemm.inv127": np.float32(1 / 127),
+        "int8gemm.tiny": np.float32(1e-30),  # an all-zero token: scale tiny, codes 0, product 0
+        "int8gemm.128": np.float32(128),
+        "int8gemm.zero": np.uint8(128),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
+
+    def derived(name, dtype, dims):
+        t = TensorProto(name=name, data_type=dtype, dims=dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", DERIVED), ("offset", "0"), ("length", "0")):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+    stored = {t.name: t for t in graph.initializer}
+
+    def offset(name):
+        """Where an initializer lies in the weights file, or None where the graph holds it (a small one)."""
+        info = {e.key: e.value for e in stored[name].external_data}
+        if stored[name].data_location != TensorProto.EXTERNAL:
+            return None
+        if info.get("location") != weights_file:
+            raise ValueError(f"{name} is in {info.get('location')}, not {weights_file}")
+        return int(info.get("offset", 0))
+
+    def array(name):
+        where = offset(name)
+        if where is None:
+            return numpy_helper.to_array(stored[name]).reshape(-1).view(np.uint8)
+        length = int({e.key: e.value for e in stored[name].external_data}["length"])
+        return np.fromfile(Path(path).parent / weights_file, np.uint8, length, offset=where)
+
+    made, at_load, nodes = {}, [], []  # codes name -> (int8 weight, scale) names; what the runtime derives
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != MS:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        a, codes, scales = node.input[:3]
+        zeros = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+        if len(node.input) > 4 and node.input[4]:
+            raise ValueError(f"{node.name}: MatMulNBits with g_idx has no integer form here")
+        k, n = attrs["K"], attrs["N"]
+        if codes not in made:
+            sources = [codes, scales] + ([zeros] if zeros else [])
+            made[codes] = names = (f"{codes}.int8", f"{codes}.int8_scale")
+            where = [offset(x) for x in sources]
+            if None in where:
+                # a weight small enough for the graph to hold it: its int8 form is held there too, made now
+                weight, scale = int8_per_channel(array(codes), array(scales).view(np.float32),
+                                                 None if zeros is None else array(zeros), k, n, s.bits, s.block)
+                graph.initializer.extend([numpy_helper.from_array(weight, names[0]),
+                                          numpy_helper.from_array(scale, names[1])])
+            else:
+                at_load.append(DerivedTensor(*names, k, n, where[0], where[1], where[2] if zeros else None))
+                graph.initializer.extend([derived(names[0], TensorProto.INT8, [k, n]),
+                                          derived(names[1], TensorProto.FLOAT, [n])])
+        weight_name, scale_name = made[codes]
+        p = f"{node.output[0]}.int8gemm"
+        out = node.output[0] if bias is None else p + ".y"
+        nodes += [
+            helper.make_node("ReduceMax", [a, "int8gemm.axes"], [p + ".max"], keepdims=1),
+            helper.make_node("ReduceMin", [a, "int8gemm.axes"], [p + ".min"], keepdims=1),
+            helper.make_node("Neg", [p + ".min"], [p + ".negmin"]),
+            helper.make_node("Max", [p + ".max", p + ".negmin", "int8gemm.tiny"], [p + ".amax"]),
+            helper.make_node("Mul", [p + ".amax", "int8gemm.inv127"], [p + ".scale"]),
+            helper.make_node("Div", [a, p + ".scale"], [p + ".steps"]),
+            helper.make_node("Round", [p + ".steps"], [p + ".rounded"]),  # half to even, as QuantizeLinear
+            # uint8 codes around 128: MLAS has its fast (VNNI) kernels for uint8 x int8, and ran int8 x int8
+            # 4x slower than fp32 here
+            helper.make_node("Add", [p + ".rounded", "int8gemm.128"], [p + ".shifted"]),
+            helper.make_node("Cast", [p + ".shifted"], [p + ".a8"], to=TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [p + ".a8", weight_name, "int8gemm.zero"], [p + ".i32"]),
+            helper.make_node("Cast", [p + ".i32"], [p + ".f32"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [p + ".f32", scale_name], [p + ".cols"]),
+            helper.make_node("Mul", [p + ".cols", p + ".scale"], [out]),
+        ] + ([helper.make_node("Add", [out, bias], [node.output[0]])] if bias is not None else [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for nd in graph.node for i in nd.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.save(model, str(path))
+    return at_load
+

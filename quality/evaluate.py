@@ -87,6 +87,8 @@ def _tags(session):
         int8 = sorted(g for g, level in q.accuracy_level.items() if level == 4)
         if int8:
             notes.append(f"int8 activations: {' and '.join(int8)}")
+        if q.integer_graphs:
+            notes.append(f"integer GEMMs: {' and '.join(q.integer_graphs)}")
         weights = f", {q.scheme} weights ({', '.join(notes)})"
     fitted = ", fitted heads" if m.kv_heads and m.kv_heads.kind == "fitted" else ""
     return weights, f"{fitted}{weights}"

@@ -25,7 +25,7 @@ from .errors import PopError
 
 FILE = "pop_manifest.json"
 FORMAT = "pop-manifest"
-SCHEMA_VERSION = 5  # 2: optional "vision" section and a vision graph; tokenizer.chat_template
+# 2: optional "vision" section and a vision graph; tokenizer.chat_template
 # 3: a graph may be an AOTInductor package (format "aoti", its device, weights.tensors), which a
 #    version-2 runtime would hand to ONNX Runtime
 # 4: per-row cache lengths (seqlens_k, total_sequence_length) instead of attention_mask, the cache
@@ -34,7 +34,11 @@ SCHEMA_VERSION = 5  # 2: optional "vision" section and a vision graph; tokenizer
 # 5: a fused decode graph with sliding-window layers takes window_seqlens_k and
 #    window_total_sequence_length, which a version-4 runtime would not feed.  Version 4 still reads:
 #    its graphs are version 5's without those inputs.
-READABLE = (4, 5)
+# 6: weights.quantization.derived: int8 matrices a graph reads that the runtime derives at load from the
+#    stored blocks (--weights-compute int8-gemm), which a version-5 runtime would look for in a file.
+#    Versions 4 and 5 still read: they have none.
+SCHEMA_VERSION = 6
+READABLE = (4, 5, 6)
 
 
 def np_dtype(name):
@@ -134,6 +138,21 @@ class WeightTensor:
 
 
 @dataclass
+class DerivedTensor:
+    """An int8 matrix [K, N] and its per-column scale [N], graph initializers at the external data location
+    "derived", which the runtime computes at load from a MatMulNBits weight stored in the weights file: its
+    codes, scales (float32) and zero points (None: symmetric) at these byte offsets, their sizes following
+    from k, n and the quantization's bits and block size (runtime/backends/derived.py)."""
+    weight: str  # the int8 [K, N] initializer's name
+    scale: str  # the float32 [N] initializer's name
+    k: int
+    n: int
+    codes_offset: int
+    scales_offset: int
+    zero_points_offset: int | None = None
+
+
+@dataclass
 class Quantization:
     """Weight-only block quantization of the text graphs' matrices (exporter/quantize.py)."""
     scheme: str  # "int8" or "int4"
@@ -150,6 +169,10 @@ class Quantization:
     # the accuracy_level at which the runtime runs the decode graph's calls of more than one token (full
     # mode's prompt), in a second session of it; None: the graph's own level for every call
     prompt_accuracy_level: int | None = None
+    # --weights-compute int8-gemm: the graphs whose products run as integer GEMMs (per-token int8 activations,
+    # per-channel int8 weights derived at load) and the tensors derived for them
+    integer_graphs: list | None = None
+    derived: list[DerivedTensor] | None = None
 
 
 @dataclass

@@ -254,3 +254,38 @@ def test_eval_and_bench_run_aoti_artifacts(aoti_exports, exports, libpop, tmp_pa
     run = cli("pop-bench", directory, "--prompt-lens", "8", "--new-tokens", 4, "--runs", 1, "--peers", "other")
     assert run.returncode == 0 and "other: not run: the other-backend peer needs --other-artifacts" \
         in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, False)])
+def test_cpp_derives_the_int8_gemm_weights_as_python_does(libpop, tmp_path, bits, symmetric):
+    """The int8 matrices of an int8-gemm prefill graph are derived at load by each runtime; libpop's derived.cpp
+    (through pop_derive_check) gives the bytes runtime/backends/derived.py gives, for 4 and 8 bits, with and
+    without zero points, from a weights file at the offsets a manifest records; outside the file: one line."""
+    import numpy as np
+
+    from pop.exporter import quantize
+    from pop.runtime.backends import derived
+    from pop.runtime.manifest import DerivedTensor
+    rng = np.random.default_rng(bits)
+    s = quantize.Scheme(bits, 32, symmetric=symmetric)
+    k, n = 80, 48
+    w = rng.standard_normal((k, n)).astype(np.float32) + (0 if symmetric else 0.7)
+    codes, scales, zeros = quantize.quantize(np.ascontiguousarray(w.T), s)
+    packed, zp = quantize.pack(codes, s).reshape(-1), quantize.pack_zeros(zeros, s).reshape(-1)
+    file = np.concatenate([np.zeros(5, np.uint8), packed, scales.reshape(-1).view(np.uint8)]
+                          + ([] if symmetric else [zp]))
+    (tmp_path / "weights.bin").write_bytes(file.tobytes())
+    entry = DerivedTensor("w.int8", "w.int8_scale", k, n, 5, 5 + packed.size,
+                          None if symmetric else 5 + packed.size + scales.size * 4)
+    weight, scale = derived.derive(entry, file, bits, 32)
+    tool = ROOT / "build" / "cpp" / "pop_derive_check"
+
+    def run(codes_offset):
+        return subprocess.run([str(tool), str(tmp_path / "weights.bin"), str(k), str(n), str(codes_offset),
+                               str(entry.scales_offset), str(-1 if symmetric else entry.zero_points_offset),
+                               str(bits), "32"], capture_output=True)
+    out = run(entry.codes_offset)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == weight.tobytes() + scale.tobytes()
+    out = run(len(file))
+    assert out.returncode == 1 and b"corrupt artifacts" in out.stderr and out.stderr.count(b"\n") == 1

@@ -13,7 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import cli, generate_json, hf_greedy
 from pop.exporter import quantize, tiny
 from pop.exporter.options import ExportOptions
+from pop.runtime.backends import BackendOptions, derived
+from pop.runtime.backends.ort import OrtBackend
 from pop.runtime.errors import PopError
+from pop.runtime.manifest import DerivedTensor, Manifest
 from pop.runtime.session import PopSession
 
 PROMPT_IDS = [1, 45, 67, 89, 23, 56, 78, 90, 12, 34, 11, 99]
@@ -187,7 +190,10 @@ def test_bad_combinations_fail_before_loading(tmp_path):
                          (("--weights", "int4", "--dtype", "fp16", "--weights-compute", "int8-decode"),
                           "is for fp32 exports on the CPU"),
                          (("--weights", "int4", "--weights-block", "48"), "--weights-block must be"),
+                         (("--weights", "int4", "--dtype", "fp16", "--weights-compute", "int8-gemm"),
+                          "is for fp32 exports on the CPU"),
                          (("--weights-compute", "int8",), "add --weights int8 or int4"),
+                         (("--weights-compute", "int8-gemm",), "add --weights int8 or int4"),
                          (("--weights-asymmetric",), "--weights-asymmetric is for quantized weights"),
                          (("--keep-embedding",), "--keep-embedding is for quantized weights")):
         run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", *args, timeout=120)
@@ -268,3 +274,85 @@ def test_int8_compute_is_verified_first_then_measured(tmp_path, exports):
         model = onnx.load(str(mixed / f"{graph}.onnx"), load_external_data=False)
         assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
                 if a.name == "accuracy_level"} == {level}
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (8, True), (4, False), (8, False)])
+def test_derived_int8_matrix_is_the_stored_weight_to_half_a_step(bits, symmetric):
+    """The int8 matrix an int8-gemm prefill graph multiplies by, derived from a MatMulNBits weight's bytes, against
+    that weight as ONNX Runtime's own MatMulNBits kernel reads it (the product with the identity): every value
+    within half of its column's step, each column's largest at +-127.  K = 80 pads the last block; 3 blocks
+    per row leave the packed 4-bit zero points half a byte of padding."""
+    rng = np.random.default_rng(bits + 2 * symmetric)
+    s = quantize.Scheme(bits, 32, symmetric=symmetric)
+    k, n = 80, 48
+    w = rng.standard_normal((k, n)).astype(np.float32) + (0 if symmetric else 0.7)
+    w[:, 5] = 0  # a column of zeros: scale 1, codes 0
+    codes, scales, zeros = quantize.quantize(np.ascontiguousarray(w.T), s)
+    packed, zp = quantize.pack(codes, s), None if symmetric else quantize.pack_zeros(zeros, s).reshape(-1)
+    extra = {} if symmetric else {"z": zp}
+    stored = _run(helper.make_node("MatMulNBits", ["x", "b", "s", *extra], ["y"], domain="com.microsoft", K=k, N=n,
+                                   bits=bits, block_size=32, accuracy_level=1),
+                  [("x", TensorProto.FLOAT, np.eye(k, dtype=np.float32))],
+                  {"b": packed, "s": scales.reshape(-1), **extra}, [k, n])
+    weight, scale = derived.int8_per_channel(packed, scales.reshape(-1), zp, k, n, bits, 32)
+    assert weight.shape == (k, n) and weight.dtype == np.int8 and scale.shape == (n,)
+    assert np.abs(weight.astype(np.float32) * scale - stored).max(axis=0).max() <= scale.max() / 2 * 1.0001
+    assert (np.abs(weight.astype(np.float32) * scale - stored) <= scale / 2 * 1.0001 + 1e-12).all()
+    amax = np.abs(weight).max(axis=0)
+    assert amax[5] == 0 and scale[5] == 1 and (np.delete(amax, 5) == 127).all()
+    # and from the bytes of a weights file, at the offsets a manifest records
+    file = np.concatenate([np.zeros(7, np.uint8), packed.reshape(-1), scales.reshape(-1).view(np.uint8),
+                           *([] if symmetric else [zp])])
+    entry = DerivedTensor("w.int8", "w.int8_scale", k, n, 7, 7 + packed.size,
+                          None if symmetric else 7 + packed.size + scales.size * 4)
+    again = derived.derive(entry, file, bits, 32)
+    assert (again[0] == weight).all() and (again[1] == scale).all()
+    with pytest.raises(ValueError, match="weights file"):
+        derived.derive(DerivedTensor("w.int8", "w.int8_scale", k, n, len(file), 0), file, bits, 32)
+
+
+def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(tmp_path, exports):
+    """--weights-compute int8-gemm: POP's prefill graph runs its products as MatMulInteger over int8 matrices the
+    folder does not hold (the runtime derives them at load from the 4-bit weights the decode graph reads); the
+    decode graph stays MatMulNBits with int8 activations.  The export verified with fp32 products first and
+    records how far the switch moved it; the runtime's POP logits are near the fp32-product export's of the
+    same weights (and not equal: the integer products run); a damaged manifest fails in one line."""
+    out = exports("tiny-llama", weights="int4", weights_compute="int8-gemm")
+    exact = exports("tiny-llama", weights="int4")  # the same weights, fp32 products
+    manifest = json.loads((out / "pop_manifest.json").read_text())
+    q = manifest["weights"]["quantization"]
+    assert manifest["schema_version"] == 6 and manifest["verification"]["passed"]
+    assert q["integer_graphs"] == ["prefill"] and q["accuracy_level"] == {"decode": 4}
+    assert all(1e-4 < e < 0.2 for e in q["int8_compute_error"].values()), q["int8_compute_error"]
+    graphs = {g: onnx.load(str(out / f"{g}.onnx"), load_external_data=False) for g in ("prefill", "decode")}
+    ops = {g: [n.op_type for n in m.graph.node] for g, m in graphs.items()}
+    assert "MatMulNBits" not in ops["prefill"]
+    assert ops["prefill"].count("MatMulInteger") == q["operators"]["prefill"]["MatMulInteger"] > 0
+    assert ops["decode"].count("MatMulNBits") == q["operators"]["decode"]["MatMulNBits"]
+    at_load = {t.name for t in graphs["prefill"].graph.initializer
+               if t.data_location == TensorProto.EXTERNAL and t.external_data[0].value == derived.DERIVED}
+    assert q["derived"] and at_load == {e[key] for e in q["derived"] for key in ("weight", "scale")}
+    assert (out / "weights.bin").stat().st_size == (exact / "weights.bin").stat().st_size  # nothing stored twice
+
+    def pop_logits(directory):
+        got = []
+        for _ in PopSession.load(directory).steps(PROMPT_IDS, 1, "pop", lambda l: got.append(l[0].copy()) or [0]):
+            pass
+        return got[0]
+    ours, reference = pop_logits(out), pop_logits(exact)
+    scale = np.abs(reference).max()
+    assert 1e-4 * scale < np.abs(ours - reference).max() < 0.2 * scale
+
+    bad = shutil.copytree(out, tmp_path / "bad")
+    edited = json.loads((bad / "pop_manifest.json").read_text())
+    edited["weights"]["quantization"]["derived"][0]["codes_offset"] = 10 ** 12
+    (bad / "pop_manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(PopError, match="weights.bin: .*derives from bytes .*: corrupt artifacts") as e:
+        PopSession.load(bad)
+    assert "\n" not in str(e.value)
+    edited["weights"]["quantization"]["derived"] = edited["weights"]["quantization"]["derived"][1:]
+    (bad / "pop_manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(PopError, match="prefill.onnx reads .*, which the manifest does not say how to derive"):
+        PopSession.load(bad)
+    with pytest.raises(PopError, match="multiplies in integers .*--backend ort"):  # before any CUDA is looked for
+        OrtBackend(out, Manifest.load(out), BackendOptions(), device="cuda")

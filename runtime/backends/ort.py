@@ -15,6 +15,10 @@ the same weights), which runs the calls of more than one token: full mode's prom
 (benchmarks/quantized) it made smollm2-135m's long full-mode prompts faster and gemma3-270m's slower, so
 it is not the default.  It prepacks its own copy of the matrices.
 
+Integer products (`--weights-compute int8-gemm`): the int8 matrices POP's prefill graph multiplies by are
+not in weights.bin; they are derived here at load from the 4- or 8-bit weights beside them
+(backends/derived.py) and given to the session with add_external_initializers.  On the CPU only.
+
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
 the one KV buffer.
@@ -45,7 +49,7 @@ import onnxruntime as ort
 
 from ..errors import PopError
 from ..manifest import np_dtype
-from . import BackendOptions, dlpack
+from . import BackendOptions, derived, dlpack
 
 
 def _external_initializers(model_path: Path):
@@ -144,6 +148,12 @@ class OrtBackend:
         self._values = {}  # (offset, length, type, shape) -> OrtValue, one per distinct tensor
         self._views = []  # the DLPack structs of device weights, alive as long as the sessions
         self.sessions, self._bindings, self._bound = {}, {}, {}
+        q = manifest.weights.quantization
+        if q is not None and q.integer_graphs and device != "cpu":
+            raise PopError(f"these artifacts' {' and '.join(q.integer_graphs)} graph multiplies in integers "
+                           f"(--weights-compute int8-gemm), a form for ONNX Runtime's CPU provider: run them with "
+                           f"--backend ort, or export with --weights-compute int8 for {self.name}")
+        self._derived = {}  # initializer name -> OrtValue over the array derived at load (kept alive here)
         if device == "cuda":
             from . import cuda
             if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
@@ -190,10 +200,16 @@ class OrtBackend:
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if not prepack:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
+            to_derive = []
             for name, location, offset, length, elem, shape in _external_initializers(directory / spec.file):
+                if location == derived.DERIVED:
+                    to_derive.append(name)
+                    continue
                 if location != manifest.weights.file:
                     raise PopError(f"{spec.file} points at {location}, not the manifest's weights file")
                 opts.add_initializer(name, self._value(offset, length, elem, shape))
+            if to_derive:
+                opts.add_external_initializers(to_derive, [self._derive(name, spec.file, q) for name in to_derive])
             source = str(directory / spec.file)
             if graph == PROMPT:
                 source = _with_accuracy_level(directory / spec.file, prompt_level)
@@ -213,6 +229,21 @@ class OrtBackend:
             # where nothing packed it (embedding rows, norms).  Give its pages back: they come back
             # from the page cache when touched, and the resident set keeps the packed copies only.
             self._mmap._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def _derive(self, name, graph_file, q):
+        """The OrtValue of a derived initializer (the int8 matrices of integer products), computed once."""
+        if not self._derived and q is not None:
+            for entry in q.derived or []:
+                try:
+                    weight, scale = derived.derive(entry, self._mmap, q.bits, q.block_size)
+                except ValueError as e:
+                    raise PopError(f"{self.weights_file.name}: {e}: corrupt artifacts") from None
+                self._derived[entry.weight] = ort.OrtValue.ortvalue_from_numpy(weight)
+                self._derived[entry.scale] = ort.OrtValue.ortvalue_from_numpy(scale)
+        if name not in self._derived:
+            raise PopError(f"{graph_file} reads {name}, which the manifest does not say how to derive: "
+                           f"corrupt artifacts")
+        return self._derived[name]
 
     def _value(self, offset, length, elem, shape):
         key = (offset, length, elem, shape)

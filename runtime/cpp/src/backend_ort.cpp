@@ -8,14 +8,17 @@
 // the graphs read the past from and write new K/V into the one KV buffer, as the Python
 // backend (runtime/backends/ort.py) does.  Unlike it, each graph here lets ONNX Runtime
 // read weights.bin itself (external data): the weights are not yet shared between the
-// prefill and decode sessions in memory.
+// prefill and decode sessions in memory.  The int8 matrices of an int8-gemm prefill graph are in no file:
+// they are derived at load (derived.cpp) and given to its session with AddExternalInitializers.
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <unordered_map>
 
 #include "backend.hpp"
+#include "derived.hpp"
 #include "pop/pop.hpp"
 
 namespace pop {
@@ -46,6 +49,22 @@ class OrtBackend : public Backend {
       // the prompt-sized graphs never.
       options.AddConfigEntry("session.force_spinning_stop", "1");
       if (name != "decode") options.AddConfigEntry("session.intra_op.allow_spinning", "0");
+      if (std::find(m.integer_graphs.begin(), m.integer_graphs.end(), name) != m.integer_graphs.end()) {
+        if (derived_.empty())
+          for (const auto& e : m.derived)
+            derived_.push_back({e, derive_int8(m.path(m.weights_file), e, m.quant_bits, m.quant_block)});
+        std::vector<std::string> names;
+        std::vector<Ort::Value> values;
+        for (auto& [e, d] : derived_) {
+          const int64_t weight_shape[2] = {e.k, e.n}, scale_shape[1] = {e.n};
+          names.push_back(e.weight);
+          values.push_back(
+              Ort::Value::CreateTensor<int8_t>(memory_, d.weight.data(), d.weight.size(), weight_shape, 2));
+          names.push_back(e.scale);
+          values.push_back(Ort::Value::CreateTensor<float>(memory_, d.scale.data(), d.scale.size(), scale_shape, 1));
+        }
+        options.AddExternalInitializers(names, values);
+      }
       try {
         auto session = std::make_unique<Ort::Session>(env_, m.path(g.file).c_str(), options);
         auto binding = std::make_unique<Ort::IoBinding>(*session);
@@ -113,6 +132,7 @@ class OrtBackend : public Backend {
 
   Ort::Env env_;
   Ort::MemoryInfo memory_;
+  std::vector<std::pair<DerivedEntry, DerivedMatrix>> derived_;  // the sessions read these: they live as long
   std::unordered_map<std::string, Graph> graphs_;
 };
 

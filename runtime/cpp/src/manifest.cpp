@@ -11,8 +11,8 @@ namespace pop {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-// Versions this runtime reads (runtime/manifest.py, READABLE): 4, per-row cache lengths.
-static const int kReadable[] = {4, 5};
+// Versions this runtime reads (runtime/manifest.py, READABLE): 4, per-row cache lengths, to 6, derived weights.
+static const int kReadable[] = {4, 5, 6};
 
 static Error bad(const std::string& what) { return Error(Status::bad_artifacts, what); }
 
@@ -60,7 +60,7 @@ Manifest read_manifest(const std::string& directory) {
   m.schema_version = j.value("schema_version", -1);
   if (std::find(std::begin(kReadable), std::end(kReadable), m.schema_version) == std::end(kReadable))
     throw bad(file + " has manifest schema version " + std::to_string(m.schema_version) +
-              "; this runtime reads versions 4 and 5: re-export with this version of pop");
+              "; this runtime reads versions 4, 5 and 6: re-export with this version of pop");
   try {
     if (j.contains("vision"))
       throw bad("these are vision-language artifacts; the C++ runtime runs text models only (use pop-generate)");
@@ -115,6 +115,21 @@ Manifest read_manifest(const std::string& directory) {
         if (e.offset < 0 || e.offset + e.bytes > m.weights_bytes) throw bad(m.weights_file + " is shorter than the manifest's index of " + e.name);
         m.tensors.push_back(e);
       }
+    if (w.contains("quantization") && !w["quantization"].is_null()) {
+      const json& q = w["quantization"];
+      m.quant_bits = q.at("bits").get<int>();
+      m.quant_block = q.at("block_size").get<int>();
+      if (q.contains("integer_graphs") && !q["integer_graphs"].is_null())
+        m.integer_graphs = q["integer_graphs"].get<std::vector<std::string>>();
+      if (q.contains("derived") && !q["derived"].is_null())
+        for (const auto& d : q["derived"]) {
+          const json zero_points = d.value("zero_points_offset", json());  // null: symmetric
+          m.derived.push_back({d.at("weight").get<std::string>(), d.at("scale").get<std::string>(),
+                               d.at("k").get<int64_t>(), d.at("n").get<int64_t>(), d.at("codes_offset").get<int64_t>(),
+                               d.at("scales_offset").get<int64_t>(),
+                               zero_points.is_null() ? int64_t(-1) : zero_points.get<int64_t>()});
+        }
+    }
     for (const auto& id : j.at("tokenizer").at("eos_ids")) m.eos_ids.push_back(id.get<int64_t>());
     dtype_size(m.kv_dtype);
     dtype_size(m.logits_dtype);

@@ -23,6 +23,13 @@ struct TensorEntry {  // one weight in weights.bin (AOTI exports)
   std::vector<int64_t> shape;
 };
 
+// An int8 matrix [k, n] and its per-column scale that an integer-GEMM graph reads (--weights-compute int8-gemm),
+// derived at load from a MatMulNBits weight stored in weights.bin (derived.hpp).
+struct DerivedEntry {
+  std::string weight, scale;  // the graph's initializer names
+  int64_t k = 0, n = 0, codes_offset = 0, scales_offset = 0, zero_points_offset = -1;  // -1: symmetric
+};
+
 struct Manifest {
   std::string directory;
   int schema_version = 0;
@@ -34,6 +41,9 @@ struct Manifest {
   std::string weights_file;
   int64_t weights_bytes = 0;
   std::vector<TensorEntry> tensors;
+  int quant_bits = 0, quant_block = 0;  // weights.quantization, where the weights are quantized
+  std::vector<std::string> integer_graphs;  // graphs whose products are integer GEMMs over `derived`
+  std::vector<DerivedEntry> derived;
   std::vector<int64_t> eos_ids;
 
   std::string path(const std::string& relative) const { return directory + "/" + relative; }
