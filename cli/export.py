@@ -47,7 +47,8 @@ def parser():
                         "MatMulNBits accuracy_level 4, faster decode steps; or int8-gemm: the decode graph as int8, "
                         "POP's prefill graph as integer GEMMs over int8 weights derived at load (the fastest prompts "
                         "on the CPU, ONNX Runtime's CPU provider only); the error is measured and recorded. "
-                        "Default: int8 for --weights int8 and int4 (the faster as measured); fp32 with --dtype fp16")
+                        "Default: int8-gemm for --weights int4, int8 for --weights int8 (the faster as measured, "
+                        "and for int8 the closer); fp32 with --dtype fp16")
     p.add_argument("--weights-asymmetric", action="store_true",
                    help="a zero point per block besides its scale: each block's range uses every code (default: "
                         "symmetric, no zero points)")

@@ -52,10 +52,14 @@ def default_compute(weights: str, dtype: str = "float32") -> str:
     products' time at Llama-3.2-1B and Llama-3-8B shapes, benchmarks/quantized/levels) and about even on the
     two small real models (gemma3-270m's POP prompt 5% faster, smollm2-135m's 0-4% slower; first-token
     KL within 4% of fp32 products').  So both take int8 activations in both graphs, as onnxruntime-genai's
-    CPU int4 does.  float16 graphs (for the GPU) compute in float16."""
+    CPU int4 does.  4-bit weights go further: POP's prefill graph runs integer GEMMs (int8-gemm, 2.6-3.8x
+    the fp32 product rate at prompt shapes, 0.26-0.39 of its time; POP's prompt 0.6-0.7 of int8's time on
+    both real models) for a first-token KL 1-4% above int8's on gemma3-270m and within noise on smollm2-135m
+    (benchmarks/int8-gemm).  8-bit weights, chosen for fidelity, keep int8.  float16 graphs (for the GPU)
+    compute in float16."""
     if dtype != "float32":
         return "fp32"
-    return "int8" if weights in ("int8", "int4") else "fp32"  # scheme_for judges unknown weights
+    return {"int8": "int8", "int4": "int8-gemm"}.get(weights, "fp32")  # scheme_for judges unknown weights
 
 
 @dataclass(frozen=True)
@@ -312,16 +316,48 @@ def _drop_unused_initializers(graph):
 
 # --- integer products (--weights-compute int8-gemm) ------------------------------------------------
 
+INTEGER_CONSTANTS = {  # the initializers integer_product's nodes read, once per graph
+    "int8gemm.axes": np.array([-1], np.int64),
+    "int8gemm.inv127": np.float32(1 / 127),
+    "int8gemm.tiny": np.float32(1e-30),  # an all-zero token: scale tiny, codes 0, product 0
+    "int8gemm.128": np.float32(128),
+    "int8gemm.zero": np.uint8(128),
+}
+
+
+def integer_product(a, weight, scale, out, bias=None):
+    """The nodes of out = a @ (weight [K, N] int8 * scale [N]) (+ bias) with a quantized per token: per row of a,
+    s = max |a| / 127 and codes round(a / s) + 128 as uint8 (zero point 128), then MatMulInteger, whose int32
+    sums are scaled back by s x scale.  uint8 activations because MLAS has its fast (VNNI) kernels for
+    uint8 x int8; int8 x int8 ran 4x slower than fp32 here."""
+    from onnx import TensorProto, helper
+    p = f"{out}.int8gemm"
+    y = out if bias is None else p + ".y"
+    return [
+        helper.make_node("ReduceMax", [a, "int8gemm.axes"], [p + ".max"], keepdims=1),
+        helper.make_node("ReduceMin", [a, "int8gemm.axes"], [p + ".min"], keepdims=1),
+        helper.make_node("Neg", [p + ".min"], [p + ".negmin"]),
+        helper.make_node("Max", [p + ".max", p + ".negmin", "int8gemm.tiny"], [p + ".amax"]),
+        helper.make_node("Mul", [p + ".amax", "int8gemm.inv127"], [p + ".scale"]),
+        helper.make_node("Div", [a, p + ".scale"], [p + ".steps"]),
+        helper.make_node("Round", [p + ".steps"], [p + ".rounded"]),  # half to even, as QuantizeLinear
+        helper.make_node("Add", [p + ".rounded", "int8gemm.128"], [p + ".shifted"]),
+        helper.make_node("Cast", [p + ".shifted"], [p + ".a8"], to=TensorProto.UINT8),
+        helper.make_node("MatMulInteger", [p + ".a8", weight, "int8gemm.zero"], [p + ".i32"]),
+        helper.make_node("Cast", [p + ".i32"], [p + ".f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [p + ".f32", scale], [p + ".cols"]),
+        helper.make_node("Mul", [p + ".cols", p + ".scale"], [y]),
+    ] + ([helper.make_node("Add", [y, bias], [out])] if bias is not None else [])
+
+
 def integer_products(path, s: Scheme, weights_file: str):
     """Every MatMulNBits of the graph file at `path` -> an integer GEMM, in place; returns the manifest's
     DerivedTensor entries.
 
     On this project's CPU, MatMulNBits with int8 activations runs a prompt's products no faster than fp32
-    MatMul, while MLAS's integer GEMM (MatMulInteger, int8 x int8 -> int32) runs them 2.5-3x faster
-    (benchmarks/int8-gemm).  Each product becomes: per token, scale = max |a| / 127 and a8 = round(a /
-    scale) + 128 (uint8, zero point 128); y = MatMulInteger(a8, W8) * (scale x the weight's per-column
-    scale).  Per token, not per
-    tensor, so that one token's large activations (an attention sink's) cost the others no precision.
+    MatMul, while MLAS's integer GEMM (MatMulInteger) runs them 2.5-3x faster (benchmarks/quantized,
+    matmulnbits_levels.py).  Each product becomes integer_product's nodes: int8 activations per token, not
+    per tensor, so that one token's large activations (an attention sink's) cost the others no precision.
     W8 and its scales are initializers at the external data location "derived": the runtime computes them
     at load from the same MatMulNBits weight the decode graph reads (runtime/backends/derived.py), so the
     folder stores each weight once."""
@@ -334,14 +370,7 @@ def integer_products(path, s: Scheme, weights_file: str):
     graph = model.graph
     if graph.node and any(o.domain in ("", "ai.onnx") and o.version < 13 for o in model.opset_import):
         raise ValueError("integer_products needs opset 13 or later (ReduceMax with axes as an input)")
-    consts = {
-        "int8gemm.axes": np.array([-1], np.int64),
-        "int8gemm.inv127": np.float32(1 / 127),
-        "int8gemm.tiny": np.float32(1e-30),  # an all-zero token: scale tiny, codes 0, product 0
-        "int8gemm.128": np.float32(128),
-        "int8gemm.zero": np.uint8(128),
-    }
-    graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in consts.items())
+    graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in INTEGER_CONSTANTS.items())
 
     def derived(name, dtype, dims):
         t = TensorProto(name=name, data_type=dtype, dims=dims, data_location=TensorProto.EXTERNAL)
@@ -395,25 +424,7 @@ def integer_products(path, s: Scheme, weights_file: str):
                 graph.initializer.extend([derived(names[0], TensorProto.INT8, [k, n]),
                                           derived(names[1], TensorProto.FLOAT, [n])])
         weight_name, scale_name = made[codes]
-        p = f"{node.output[0]}.int8gemm"
-        out = node.output[0] if bias is None else p + ".y"
-        nodes += [
-            helper.make_node("ReduceMax", [a, "int8gemm.axes"], [p + ".max"], keepdims=1),
-            helper.make_node("ReduceMin", [a, "int8gemm.axes"], [p + ".min"], keepdims=1),
-            helper.make_node("Neg", [p + ".min"], [p + ".negmin"]),
-            helper.make_node("Max", [p + ".max", p + ".negmin", "int8gemm.tiny"], [p + ".amax"]),
-            helper.make_node("Mul", [p + ".amax", "int8gemm.inv127"], [p + ".scale"]),
-            helper.make_node("Div", [a, p + ".scale"], [p + ".steps"]),
-            helper.make_node("Round", [p + ".steps"], [p + ".rounded"]),  # half to even, as QuantizeLinear
-            # uint8 codes around 128: MLAS has its fast (VNNI) kernels for uint8 x int8, and ran int8 x int8
-            # 4x slower than fp32 here
-            helper.make_node("Add", [p + ".rounded", "int8gemm.128"], [p + ".shifted"]),
-            helper.make_node("Cast", [p + ".shifted"], [p + ".a8"], to=TensorProto.UINT8),
-            helper.make_node("MatMulInteger", [p + ".a8", weight_name, "int8gemm.zero"], [p + ".i32"]),
-            helper.make_node("Cast", [p + ".i32"], [p + ".f32"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [p + ".f32", scale_name], [p + ".cols"]),
-            helper.make_node("Mul", [p + ".cols", p + ".scale"], [out]),
-        ] + ([helper.make_node("Add", [out, bias], [node.output[0]])] if bias is not None else [])
+        nodes += integer_product(a, weight_name, scale_name, node.output[0], bias)
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for nd in graph.node for i in nd.input}

@@ -204,15 +204,18 @@ def test_bad_combinations_fail_before_loading(tmp_path):
 
 
 def test_weights_compute_defaults_to_the_measured_faster_choice(tmp_path):
-    """No --weights-compute: int8 activations in both graphs for 8-bit and 4-bit weights, as measured faster
-    (benchmarks/quantized); fp16 graphs compute in fp16; an explicit choice wins."""
+    """No --weights-compute: int8 activations in both graphs for 8-bit weights, and for 4-bit ones the decode
+    graph's and integer GEMMs in POP's prefill graph, as measured faster (benchmarks/quantized,
+    benchmarks/int8-gemm); fp16 graphs compute in fp16; an explicit choice wins."""
     def graphs(**options):
-        return ExportOptions("tiny-llama", tmp_path / "o", **options).scheme().int8_graphs
-    assert graphs(weights="int8") == ("prefill", "decode")
-    assert graphs(weights="int4") == ("prefill", "decode")
-    assert graphs(weights="int4", weights_compute="int8-decode") == ("decode",)
-    assert graphs(weights="int4", dtype="fp16") == ()
-    assert graphs(weights="int8", weights_compute="fp32") == ()
+        s = ExportOptions("tiny-llama", tmp_path / "o", **options).scheme()
+        return s.int8_graphs, s.integer_graphs
+    assert graphs(weights="int8") == (("prefill", "decode"), ())
+    assert graphs(weights="int4") == (("decode",), ("prefill",))
+    assert graphs(weights="int4", weights_compute="int8") == (("prefill", "decode"), ())
+    assert graphs(weights="int4", weights_compute="int8-decode") == (("decode",), ())
+    assert graphs(weights="int4", dtype="fp16") == ((), ())
+    assert graphs(weights="int8", weights_compute="fp32") == ((), ())
     assert ExportOptions("tiny-llama", tmp_path / "o").scheme() is None
     with pytest.raises(PopError, match="unknown --weights 'int3'"):  # one line from the API too
         graphs(weights="int3")
@@ -231,11 +234,11 @@ def _logits(session, ids, n):
 
 
 def test_int8_compute_is_verified_first_then_measured(tmp_path, exports):
-    """--weights int4 (int8 activations by default): the export verifies the fp32-compute graphs (it fails
-    otherwise), then switches MatMulNBits to int8 activations and records their measured distance from the
-    reference."""
+    """--weights int4 --weights-compute int8: the export verifies the fp32-compute graphs (it fails otherwise),
+    then switches MatMulNBits to int8 activations and records their measured distance from the reference."""
     out = tmp_path / "q"
-    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--weights", "int4", timeout=600)
+    run = cli("pop-export", "--model", "tiny-llama", "--out", out, "--weights", "int4", "--weights-compute", "int8",
+              timeout=600)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "pop_manifest.json").read_text())
     record = manifest["weights"]["quantization"]
