@@ -1,6 +1,8 @@
-"""One 4-bit matrix product at prompt shapes, three ways, on ONNX Runtime's CPU provider: fp32 MatMul,
-MatMulNBits with fp32 products (accuracy_level 1) and with int8 activations (accuracy_level 4), random
-weights, one session per variant, best of two sessions.  The shapes are the MLP input products of models
+"""One 4-bit matrix product at prompt shapes, four ways, on ONNX Runtime's CPU provider: fp32 MatMul,
+MatMulNBits with fp32 products (accuracy_level 1) and with int8 activations (accuracy_level 4), and the
+integer GEMM that `--weights-compute int8-gemm` writes into POP's prefill graph (exporter/quantize.py
+integer_product: int8 activations per token, int8 weights per column, MatMulInteger), random weights, one
+session per variant, best of two sessions.  The shapes are the MLP input products of models
 this project exports, from the two real ones measured here to the Llama-3 sizes our users serve; they
 decide which --weights-compute the int4 default takes in POP's prefill graph.
 
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from pop.exporter.quantize import INTEGER_CONSTANTS, integer_product
 
 SHAPES = [  # (rows, in, out, what)
     (512, 576, 1536, "smollm2-135m MLP up, 512-token chunk"),
@@ -38,6 +42,17 @@ def nbits(m, k, n, level, rng):
     node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
                             block_size=32, accuracy_level=level)
     return graph(node, [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S")], k, n, m)
+
+
+def integer(m, k, n, rng):
+    w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    s = rng.random(n).astype(np.float32) * 0.01
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(s, "S")]
+    inits += [numpy_helper.from_array(v, name) for name, v in INTEGER_CONSTANTS.items()]
+    g = helper.make_graph(integer_product("A", "W", "S", "Y"), "g",
+                          [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
 
 
 def dense(m, k, n, rng):
@@ -69,17 +84,20 @@ def main(argv=None):
     for m, k, n, what in SHAPES:
         rng = np.random.default_rng(0)
         x = rng.random((m, k), dtype=np.float32)
-        variants = {"fp32": dense(m, k, n, rng), "level 1": nbits(m, k, n, 1, rng), "level 4": nbits(m, k, n, 4, rng)}
+        variants = {"fp32": dense(m, k, n, rng), "level 1": nbits(m, k, n, 1, rng), "level 4": nbits(m, k, n, 4, rng),
+                    "int8 GEMM": integer(m, k, n, rng)}
         ms = {name: min(timed(model, x, a.threads) for _ in range(2)) for name, model in variants.items()}
         rows.append({"shape": [m, k, n], "what": what, "ms": ms})
         print(f"{what}: " + ", ".join(f"{v} {t:.2f} ms" for v, t in ms.items()), flush=True)
     lines = [f"ONNX Runtime {ort.__version__}, CPU provider, {a.threads} threads, best of two sessions.", "",
              "| product | rows x in x out | fp32 MatMul ms | int4, fp32 products (level 1) ms | int4, int8 activations "
-             "(level 4) ms | level 4 / level 1 |", "|---|---|---|---|---|---|"]
+             "(level 4) ms | level 4 / level 1 | int8 GEMM, per-token activations (int8-gemm) ms | int8 GEMM / fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         lines.append(f"| {r['what']} | {' x '.join(map(str, r['shape']))} | {ms['fp32']:.2f} | {ms['level 1']:.2f} | "
-                     f"{ms['level 4']:.2f} | {ms['level 4'] / ms['level 1']:.2f} |")
+                     f"{ms['level 4']:.2f} | {ms['level 4'] / ms['level 1']:.2f} | {ms['int8 GEMM']:.2f} | "
+                     f"{ms['int8 GEMM'] / ms['fp32']:.2f} |")
     print("\n".join(lines))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
