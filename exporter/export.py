@@ -10,6 +10,7 @@ hidden `.partial-*` folder beside the target and renamed into place only when
 complete, so an interrupted or failed export never leaves a folder that looks
 finished.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -157,14 +158,30 @@ def int8_compute(job, manifest):
     for name in s.int8_graphs:
         quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, quantize.INT8_LEVEL)
         q.accuracy_level[name] = quantize.INT8_LEVEL
+    import onnx
+    vocab = manifest.vocab_size
     for name in s.integer_graphs:
-        derived = quantize.integer_products(job.directory / manifest.graphs[name].file, s, manifest.weights.file)
+        skip = None
+        if name == "prompt":
+            # full mode's prompt: the decode graph, copied, whose products become integer GEMMs, but the output
+            # matrix's (a few rows per call, and a vocabulary-sized int8 copy held for nothing)
+            decode = manifest.graphs["decode"]
+            shutil.copyfile(job.directory / decode.file, job.directory / "prompt.onnx")
+            manifest.graphs["prompt"] = dataclasses.replace(
+                decode, file="prompt.onnx", role="full mode's prompt: the decode graph with integer GEMMs, for calls "
+                                                "of more than one token")
+            q.operators[name], skip = dict(q.operators["decode"]), vocab
+        path = job.directory / manifest.graphs[name].file
+        derived = quantize.integer_products(path, s, manifest.weights.file, name, skip_n=skip)
         q.derived = (q.derived or []) + derived
         q.integer_graphs = (q.integer_graphs or []) + [name]
         q.accuracy_level.pop(name, None)
-        q.operators[name] = {"MatMulInteger": q.operators[name].pop("MatMulNBits"), **q.operators[name]}
-        job.progress(f"{name} graph: {q.operators[name]['MatMulInteger']} products as integer GEMMs, over "
-                     f"{len(derived)} int8 matrices derived at load")
+        kept = sum(1 for node in onnx.load(str(path), load_external_data=False).graph.node
+                   if node.op_type == "MatMulNBits")
+        integer = q.operators[name].pop("MatMulNBits") - kept
+        q.operators[name] = {"MatMulInteger": integer, **({"MatMulNBits": kept} if kept else {}), **q.operators[name]}
+        job.progress(f"{name} graph: {integer} products as integer GEMMs, over {len(derived)} int8 matrices "
+                     f"derived at load" + (f"; {kept} left to MatMulNBits (the output matrix)" if kept else ""))
     manifest.save(job.directory)
     if job.options.skip_verify:
         return

@@ -40,8 +40,9 @@ MS = "com.microsoft"
 # instead of computing in fp32 (level 1).  int8-decode keeps fp32 products in POP's prefill graph.
 COMPUTE = {"fp32": (), "int8": ("prefill", "decode"), "int8-decode": ("decode",), "int8-gemm": ("decode",)}
 INT8_LEVEL = 4
-# ... and the graphs whose products become integer GEMMs instead (integer_products): int8-gemm's prefill graph
-INTEGER = {"int8-gemm": ("prefill",)}
+# ... and the graphs whose products become integer GEMMs instead (integer_products): int8-gemm's prefill graph,
+# and "prompt", a copy of the decode graph that runs full mode's prompt (calls of more than one token)
+INTEGER = {"int8-gemm": ("prefill", "prompt")}
 
 
 def default_compute(weights: str, dtype: str = "float32") -> str:
@@ -350,9 +351,9 @@ def integer_product(a, weight, scale, out, bias=None):
     ] + ([helper.make_node("Add", [y, bias], [out])] if bias is not None else [])
 
 
-def integer_products(path, s: Scheme, weights_file: str):
-    """Every MatMulNBits of the graph file at `path` -> an integer GEMM, in place; returns the manifest's
-    DerivedTensor entries.
+def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n=None):
+    """Every MatMulNBits of the graph file at `path` (the manifest's graph `graph_name`), but those with skip_n outputs,
+    -> an integer GEMM, in place; returns the manifest's DerivedTensor entries.
 
     On this project's CPU, MatMulNBits with int8 activations runs a prompt's products no faster than fp32
     MatMul, while MLAS's integer GEMM (MatMulInteger) runs them 2.5-3x faster (benchmarks/quantized,
@@ -409,6 +410,9 @@ def integer_products(path, s: Scheme, weights_file: str):
         if len(node.input) > 4 and node.input[4]:
             raise ValueError(f"{node.name}: MatMulNBits with g_idx has no integer form here")
         k, n = attrs["K"], attrs["N"]
+        if n == skip_n:
+            nodes.append(node)
+            continue
         if codes not in made:
             sources = [codes, scales] + ([zeros] if zeros else [])
             made[codes] = names = (f"{codes}.int8", f"{codes}.int8_scale")
@@ -420,7 +424,8 @@ def integer_products(path, s: Scheme, weights_file: str):
                 graph.initializer.extend([numpy_helper.from_array(weight, names[0]),
                                           numpy_helper.from_array(scale, names[1])])
             else:
-                at_load.append(DerivedTensor(*names, k, n, where[0], where[1], where[2] if zeros else None))
+                at_load.append(DerivedTensor(*names, k, n, where[0], where[1], where[2] if zeros else None,
+                                             graph_name))
                 graph.initializer.extend([derived(names[0], TensorProto.INT8, [k, n]),
                                           derived(names[1], TensorProto.FLOAT, [n])])
         weight_name, scale_name = made[codes]

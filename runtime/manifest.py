@@ -150,6 +150,7 @@ class DerivedTensor:
     codes_offset: int
     scales_offset: int
     zero_points_offset: int | None = None
+    graph: str = "prefill"  # the graph that reads it (a runtime hands each session its own)
 
 
 @dataclass

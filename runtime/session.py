@@ -3,6 +3,7 @@
     POP mode   prompt[:-1] -> prefill graph (K layers + KV heads) -> cache slots 0..N-2
                prompt[-1]  -> decode graph, full model            -> first token (TTFT)
     full mode  prompt      -> decode graph with an empty past      -> first token
+                              (or its copy with integer GEMMs, "prompt", where the artifacts have one)
     then       each token  -> decode graph, one slot at a time     -> next token
 
 A request is encoded once (`encode`: tokens, left padding, positions, and for
@@ -150,6 +151,9 @@ class PopSession:
         self.position_axes = int(manifest.positions.axes)
         self.mm = Multimodal(manifest.vision, backend, manifest) if manifest.vision else None
         self.io = {name: GraphIO(graph, manifest) for name, graph in manifest.graphs.items() if name != "vision"}
+        # full mode's prompt: a copy of the decode graph for calls of many tokens where the artifacts have one
+        # (int4 exports: its products are integer GEMMs, docs/MANIFEST.md), else the decode graph
+        self.full_prompt_graph = "prompt" if "prompt" in manifest.graphs else "decode"
         # Tokens per graph call in a prompt phase (None: the whole prompt in one call), the backend's choice:
         # see prompt_calls().
         self.prompt_chunk = getattr(backend, "prompt_chunk", None)
@@ -377,7 +381,7 @@ class PopSession:
             stats["boundary_ms"] = (time.perf_counter() - t2) * 1e3
             observe("boundary", logits)
         else:
-            logits, gpu["prefill"] = self._prompt_phase("decode", request, n, lengths, first)
+            logits, gpu["prefill"] = self._prompt_phase(self.full_prompt_graph, request, n, lengths, first)
             stats["prefill_ms"], stats["boundary_ms"] = (time.perf_counter() - t1) * 1e3, 0.0
             gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
             observe("full", logits)

@@ -211,7 +211,7 @@ def test_weights_compute_defaults_to_the_measured_faster_choice(tmp_path):
         s = ExportOptions("tiny-llama", tmp_path / "o", **options).scheme()
         return s.int8_graphs, s.integer_graphs
     assert graphs(weights="int8") == (("prefill", "decode"), ())
-    assert graphs(weights="int4") == (("decode",), ("prefill",))
+    assert graphs(weights="int4") == (("decode",), ("prefill", "prompt"))
     assert graphs(weights="int4", weights_compute="int8") == (("prefill", "decode"), ())
     assert graphs(weights="int4", weights_compute="int8-decode") == (("decode",), ())
     assert graphs(weights="int4", dtype="fp16") == ((), ())
@@ -315,36 +315,45 @@ def test_derived_int8_matrix_is_the_stored_weight_to_half_a_step(bits, symmetric
 
 
 def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(tmp_path, exports):
-    """--weights-compute int8-gemm: POP's prefill graph runs its products as MatMulInteger over int8 matrices the
-    folder does not hold (the runtime derives them at load from the 4-bit weights the decode graph reads); the
-    decode graph stays MatMulNBits with int8 activations.  The export verified with fp32 products first and
-    records how far the switch moved it; the runtime's POP logits are near the fp32-product export's of the
-    same weights (and not equal: the integer products run); a damaged manifest fails in one line."""
+    """--weights-compute int8-gemm: POP's prefill graph, and "prompt", the decode graph's copy that runs full mode's
+    prompt, run their products as MatMulInteger over int8 matrices the folder does not hold (the runtime derives
+    them at load from the 4-bit weights the decode graph reads; the output matrix stays MatMulNBits); the
+    decode graph's single-token steps stay MatMulNBits with int8 activations.  The export verified with fp32
+    products first and records how far the switch moved it; the runtime's POP and full-mode logits are near
+    the fp32-product export's of the same weights (and not equal: the integer products run); a damaged
+    manifest fails in one line."""
     out = exports("tiny-llama", weights="int4", weights_compute="int8-gemm")
     exact = exports("tiny-llama", weights="int4")  # the same weights, fp32 products
     manifest = json.loads((out / "pop_manifest.json").read_text())
     q = manifest["weights"]["quantization"]
     assert manifest["schema_version"] == 6 and manifest["verification"]["passed"]
-    assert q["integer_graphs"] == ["prefill"] and q["accuracy_level"] == {"decode": 4}
+    assert q["integer_graphs"] == ["prefill", "prompt"] and q["accuracy_level"] == {"decode": 4}
     assert all(1e-4 < e < 0.2 for e in q["int8_compute_error"].values()), q["int8_compute_error"]
-    graphs = {g: onnx.load(str(out / f"{g}.onnx"), load_external_data=False) for g in ("prefill", "decode")}
+    assert manifest["graphs"]["prompt"]["inputs"] == manifest["graphs"]["decode"]["inputs"]
+    graphs = {g: onnx.load(str(out / f"{g}.onnx"), load_external_data=False) for g in ("prefill", "prompt", "decode")}
     ops = {g: [n.op_type for n in m.graph.node] for g, m in graphs.items()}
-    assert "MatMulNBits" not in ops["prefill"]
-    assert ops["prefill"].count("MatMulInteger") == q["operators"]["prefill"]["MatMulInteger"] > 0
+    assert "MatMulNBits" not in ops["prefill"] and ops["prompt"].count("MatMulNBits") == 1  # the output matrix
+    for g in ("prefill", "prompt"):
+        assert ops[g].count("MatMulInteger") == q["operators"][g]["MatMulInteger"] > 0
+    assert ops["prompt"].count("MatMulInteger") + 1 == ops["decode"].count("MatMulNBits")
     assert ops["decode"].count("MatMulNBits") == q["operators"]["decode"]["MatMulNBits"]
-    at_load = {t.name for t in graphs["prefill"].graph.initializer
-               if t.data_location == TensorProto.EXTERNAL and t.external_data[0].value == derived.DERIVED}
-    assert q["derived"] and at_load == {e[key] for e in q["derived"] for key in ("weight", "scale")}
+    for g in ("prefill", "prompt"):
+        at_load = {t.name for t in graphs[g].graph.initializer
+                   if t.data_location == TensorProto.EXTERNAL and t.external_data[0].value == derived.DERIVED}
+        assert at_load and at_load == {e[key] for e in q["derived"] if e["graph"] == g for key in ("weight", "scale")}
     assert (out / "weights.bin").stat().st_size == (exact / "weights.bin").stat().st_size  # nothing stored twice
 
-    def pop_logits(directory):
-        got = []
-        for _ in PopSession.load(directory).steps(PROMPT_IDS, 1, "pop", lambda l: got.append(l[0].copy()) or [0]):
+    def first_logits(directory, mode):
+        session, got, graphs = PopSession.load(directory), [], []
+        run = session.backend.run
+        session.backend.run = lambda graph, *a: graphs.append(graph) or run(graph, *a)
+        for _ in session.steps(PROMPT_IDS, 1, mode, lambda l: got.append(l[0].copy()) or [0]):
             pass
-        return got[0]
-    ours, reference = pop_logits(out), pop_logits(exact)
-    scale = np.abs(reference).max()
-    assert 1e-4 * scale < np.abs(ours - reference).max() < 0.2 * scale
+        return got[0], graphs
+    for mode, graphs_run in (("pop", ["prefill", "decode"]), ("full", ["prompt"])):
+        (ours, ran), (reference, _) = first_logits(out, mode), first_logits(exact, mode)
+        scale = np.abs(reference).max()
+        assert ran == graphs_run and 1e-4 * scale < np.abs(ours - reference).max() < 0.2 * scale, mode
 
     bad = shutil.copytree(out, tmp_path / "bad")
     edited = json.loads((bad / "pop_manifest.json").read_text())

@@ -15,9 +15,10 @@ the same weights), which runs the calls of more than one token: full mode's prom
 (benchmarks/quantized) it made smollm2-135m's long full-mode prompts faster and gemma3-270m's slower, so
 it is not the default.  It prepacks its own copy of the matrices.
 
-Integer products (`--weights-compute int8-gemm`): the int8 matrices POP's prefill graph multiplies by are
-not in weights.bin; they are derived here at load from the 4- or 8-bit weights beside them
-(backends/derived.py) and given to the session with add_external_initializers.  On the CPU only.
+Integer products (`--weights-compute int8-gemm`): the int8 matrices that POP's prefill graph and the prompt
+graph (full mode's prompt) multiply by are not in weights.bin; they are derived here at load from the 4- or
+8-bit weights beside them (backends/derived.py), once for both graphs, and given to each session with
+add_external_initializers; each session packs its own copy.  On the CPU only.
 
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
@@ -153,7 +154,7 @@ class OrtBackend:
             raise PopError(f"these artifacts' {' and '.join(q.integer_graphs)} graph multiplies in integers "
                            f"(--weights-compute int8-gemm), a form for ONNX Runtime's CPU provider: run them with "
                            f"--backend ort, or export with --weights-compute int8 for {self.name}")
-        self._derived = {}  # initializer name -> OrtValue over the array derived at load (kept alive here)
+        self._derived = {}  # (graph, initializer name) -> OrtValue over the array derived at load (kept alive here)
         if device == "cuda":
             from . import cuda
             if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
@@ -209,7 +210,8 @@ class OrtBackend:
                     raise PopError(f"{spec.file} points at {location}, not the manifest's weights file")
                 opts.add_initializer(name, self._value(offset, length, elem, shape))
             if to_derive:
-                opts.add_external_initializers(to_derive, [self._derive(name, spec.file, q) for name in to_derive])
+                opts.add_external_initializers(to_derive,
+                                               [self._derive(graph, name, spec.file, q) for name in to_derive])
             source = str(directory / spec.file)
             if graph == PROMPT:
                 source = _with_accuracy_level(directory / spec.file, prompt_level)
@@ -230,20 +232,24 @@ class OrtBackend:
             # from the page cache when touched, and the resident set keeps the packed copies only.
             self._mmap._mmap.madvise(mmap.MADV_DONTNEED)
 
-    def _derive(self, name, graph_file, q):
-        """The OrtValue of a derived initializer (the int8 matrices of integer products), computed once."""
+    def _derive(self, graph, name, graph_file, q):
+        """The OrtValue of a derived initializer of `graph` (the int8 matrices of integer products), computed once;
+        by graph and name, since each graph names its initializers for itself."""
         if not self._derived and q is not None:
+            made = {}  # a weight two graphs read (the prefill graph's layers are the prompt graph's too): once
             for entry in q.derived or []:
-                try:
-                    weight, scale = derived.derive(entry, self._mmap, q.bits, q.block_size)
-                except ValueError as e:
-                    raise PopError(f"{self.weights_file.name}: {e}: corrupt artifacts") from None
-                self._derived[entry.weight] = ort.OrtValue.ortvalue_from_numpy(weight)
-                self._derived[entry.scale] = ort.OrtValue.ortvalue_from_numpy(scale)
-        if name not in self._derived:
+                key = (entry.codes_offset, entry.scales_offset, entry.zero_points_offset, entry.k, entry.n)
+                if key not in made:
+                    try:
+                        made[key] = [ort.OrtValue.ortvalue_from_numpy(a)
+                                     for a in derived.derive(entry, self._mmap, q.bits, q.block_size)]
+                    except ValueError as e:
+                        raise PopError(f"{self.weights_file.name}: {e}: corrupt artifacts") from None
+                self._derived[entry.graph, entry.weight], self._derived[entry.graph, entry.scale] = made[key]
+        if (graph, name) not in self._derived:
             raise PopError(f"{graph_file} reads {name}, which the manifest does not say how to derive: "
                            f"corrupt artifacts")
-        return self._derived[name]
+        return self._derived[graph, name]
 
     def _value(self, offset, length, elem, shape):
         key = (offset, length, elem, shape)

@@ -13,7 +13,9 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
+#include <map>
 #include <cstring>
 #include <unordered_map>
 
@@ -50,12 +52,23 @@ class OrtBackend : public Backend {
       options.AddConfigEntry("session.force_spinning_stop", "1");
       if (name != "decode") options.AddConfigEntry("session.intra_op.allow_spinning", "0");
       if (std::find(m.integer_graphs.begin(), m.integer_graphs.end(), name) != m.integer_graphs.end()) {
-        if (derived_.empty())
-          for (const auto& e : m.derived)
-            derived_.push_back({e, derive_int8(m.path(m.weights_file), e, m.quant_bits, m.quant_block)});
+        if (derived_.empty()) {
+          // a weight two graphs read (the prefill graph's layers are the prompt graph's too) is derived once
+          std::map<std::array<int64_t, 5>, size_t> made;
+          for (const auto& e : m.derived) {
+            const std::array<int64_t, 5> key{e.codes_offset, e.scales_offset, e.zero_points_offset, e.k, e.n};
+            if (!made.count(key)) {
+              made[key] = matrices_.size();
+              matrices_.push_back(derive_int8(m.path(m.weights_file), e, m.quant_bits, m.quant_block));
+            }
+            derived_.push_back({e, made[key]});
+          }
+        }
         std::vector<std::string> names;
         std::vector<Ort::Value> values;
-        for (auto& [e, d] : derived_) {
+        for (auto& [e, index] : derived_) {
+          if (e.graph != name) continue;  // ONNX Runtime refuses an initializer the graph does not have
+          DerivedMatrix& d = matrices_[index];
           const int64_t weight_shape[2] = {e.k, e.n}, scale_shape[1] = {e.n};
           names.push_back(e.weight);
           values.push_back(
@@ -132,7 +145,8 @@ class OrtBackend : public Backend {
 
   Ort::Env env_;
   Ort::MemoryInfo memory_;
-  std::vector<std::pair<DerivedEntry, DerivedMatrix>> derived_;  // the sessions read these: they live as long
+  std::vector<DerivedMatrix> matrices_;  // the sessions read these: they live as long (never resized after)
+  std::vector<std::pair<DerivedEntry, size_t>> derived_;  // each entry and its matrix in matrices_
   std::unordered_map<std::string, Graph> graphs_;
 };
 

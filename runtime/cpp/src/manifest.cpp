@@ -127,7 +127,8 @@ Manifest read_manifest(const std::string& directory) {
           m.derived.push_back({d.at("weight").get<std::string>(), d.at("scale").get<std::string>(),
                                d.at("k").get<int64_t>(), d.at("n").get<int64_t>(), d.at("codes_offset").get<int64_t>(),
                                d.at("scales_offset").get<int64_t>(),
-                               zero_points.is_null() ? int64_t(-1) : zero_points.get<int64_t>()});
+                               zero_points.is_null() ? int64_t(-1) : zero_points.get<int64_t>(),
+                               d.value("graph", std::string("prefill"))});
         }
     }
     for (const auto& id : j.at("tokenizer").at("eos_ids")) m.eos_ids.push_back(id.get<int64_t>());

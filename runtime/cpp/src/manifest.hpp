@@ -28,6 +28,7 @@ struct TensorEntry {  // one weight in weights.bin (AOTI exports)
 struct DerivedEntry {
   std::string weight, scale;  // the graph's initializer names
   int64_t k = 0, n = 0, codes_offset = 0, scales_offset = 0, zero_points_offset = -1;  // -1: symmetric
+  std::string graph = "prefill";  // the graph that reads it
 };
 
 struct Manifest {

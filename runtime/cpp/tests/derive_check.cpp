@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   pop::DerivedEntry e{"w.int8", "w.int8_scale", std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
-                      std::atoll(argv[5]), std::atoll(argv[6])};
+                      std::atoll(argv[5]), std::atoll(argv[6]), "prefill"};
   try {
     const auto d = pop::derive_int8(argv[1], e, std::atoi(argv[7]), std::atoi(argv[8]));
     std::fwrite(d.weight.data(), 1, d.weight.size(), stdout);
