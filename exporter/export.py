@@ -158,7 +158,6 @@ def int8_compute(job, manifest):
     for name in s.int8_graphs:
         quantize.set_accuracy_level(job.directory / manifest.graphs[name].file, quantize.INT8_LEVEL)
         q.accuracy_level[name] = quantize.INT8_LEVEL
-    import onnx
     vocab = manifest.vocab_size
     for name in s.integer_graphs:
         skip = None
@@ -171,14 +170,12 @@ def int8_compute(job, manifest):
                 decode, file="prompt.onnx", role="full mode's prompt: the decode graph with integer GEMMs, for calls "
                                                 "of more than one token")
             q.operators[name], skip = dict(q.operators["decode"]), vocab
-        path = job.directory / manifest.graphs[name].file
-        derived = quantize.integer_products(path, s, manifest.weights.file, name, skip_n=skip)
+        derived, integer, kept = quantize.integer_products(job.directory / manifest.graphs[name].file, s,
+                                                           manifest.weights.file, name, skip_n=skip)
         q.derived = (q.derived or []) + derived
         q.integer_graphs = (q.integer_graphs or []) + [name]
         q.accuracy_level.pop(name, None)
-        kept = sum(1 for node in onnx.load(str(path), load_external_data=False).graph.node
-                   if node.op_type == "MatMulNBits")
-        integer = q.operators[name].pop("MatMulNBits") - kept
+        q.operators[name].pop("MatMulNBits")
         q.operators[name] = {"MatMulInteger": integer, **({"MatMulNBits": kept} if kept else {}), **q.operators[name]}
         job.progress(f"{name} graph: {integer} products as integer GEMMs, over {len(derived)} int8 matrices "
                      f"derived at load" + (f"; {kept} left to MatMulNBits (the output matrix)" if kept else ""))

@@ -353,7 +353,8 @@ def integer_product(a, weight, scale, out, bias=None):
 
 def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n=None):
     """Every MatMulNBits of the graph file at `path` (the manifest's graph `graph_name`), but those with skip_n outputs,
-    -> an integer GEMM, in place; returns the manifest's DerivedTensor entries.
+    -> an integer GEMM, in place.  Returns (the manifest's DerivedTensor entries, how many products became integer
+    GEMMs, how many stayed MatMulNBits).
 
     On this project's CPU, MatMulNBits with int8 activations runs a prompt's products no faster than fp32
     MatMul, while MLAS's integer GEMM (MatMulInteger) runs them 2.5-3x faster (benchmarks/quantized,
@@ -399,6 +400,7 @@ def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n
         return np.fromfile(Path(path).parent / weights_file, np.uint8, length, offset=where)
 
     made, at_load, nodes = {}, [], []  # codes name -> (int8 weight, scale) names; what the runtime derives
+    integer = kept = 0  # products rewritten, and left to MatMulNBits
     for node in graph.node:
         if node.op_type != "MatMulNBits" or node.domain != MS:
             nodes.append(node)
@@ -412,6 +414,7 @@ def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n
         k, n = attrs["K"], attrs["N"]
         if n == skip_n:
             nodes.append(node)
+            kept += 1
             continue
         if codes not in made:
             sources = [codes, scales] + ([zeros] if zeros else [])
@@ -430,6 +433,7 @@ def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n
                                           derived(names[1], TensorProto.FLOAT, [n])])
         weight_name, scale_name = made[codes]
         nodes += integer_product(a, weight_name, scale_name, node.output[0], bias)
+        integer += 1
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for nd in graph.node for i in nd.input}
@@ -437,5 +441,5 @@ def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n
     del graph.initializer[:]
     graph.initializer.extend(keep)
     onnx.save(model, str(path))
-    return at_load
+    return at_load, integer, kept
 

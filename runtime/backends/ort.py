@@ -179,7 +179,6 @@ class OrtBackend:
             self.zeros = np.zeros
             provider = "CPUExecutionProvider"
             providers = [provider]
-        q = manifest.weights.quantization
         prompt_level = q.prompt_accuracy_level if q is not None and device == "cpu" else None
         variants = list(manifest.graphs.items())
         if prompt_level is not None and q.accuracy_level.get("decode") != prompt_level:
