@@ -53,10 +53,11 @@ def default_compute(weights: str, dtype: str = "float32") -> str:
     products' time at Llama-3.2-1B and Llama-3-8B shapes, benchmarks/quantized/levels) and about even on the
     two small real models (gemma3-270m's POP prompt 5% faster, smollm2-135m's 0-4% slower; first-token
     KL within 4% of fp32 products').  So both take int8 activations in both graphs, as onnxruntime-genai's
-    CPU int4 does.  4-bit weights go further: POP's prefill graph runs integer GEMMs (int8-gemm, 2.6-3.8x
-    the fp32 product rate at prompt shapes, 0.26-0.39 of its time; POP's prompt 0.6-0.7 of int8's time on
-    both real models) for a first-token KL 1-4% above int8's on gemma3-270m and within noise on smollm2-135m
-    (benchmarks/int8-gemm).  8-bit weights, chosen for fidelity, keep int8.  float16 graphs (for the GPU)
+    CPU int4 does.  4-bit weights go further: POP's prefill graph and full mode's prompt run integer GEMMs
+    (int8-gemm: 0.26-0.39 of fp32 products' time at prompt shapes; POP's prompt in 0.55-0.81 of int8's time on
+    both real models) for POP's first-token KL 1-4% above int8's on gemma3-270m and within noise on
+    smollm2-135m, and more resident memory (benchmarks/int8-gemm).  8-bit weights, chosen for fidelity, keep
+    int8.  float16 graphs (for the GPU)
     compute in float16."""
     if dtype != "float32":
         return "fp32"
@@ -357,8 +358,8 @@ def integer_products(path, s: Scheme, weights_file: str, graph_name: str, skip_n
     GEMMs, how many stayed MatMulNBits).
 
     On this project's CPU, MatMulNBits with int8 activations runs a prompt's products no faster than fp32
-    MatMul, while MLAS's integer GEMM (MatMulInteger) runs them 2.5-3x faster (benchmarks/quantized,
-    matmulnbits_levels.py).  Each product becomes integer_product's nodes: int8 activations per token, not
+    MatMul, while MLAS's integer GEMM (MatMulInteger) runs them in 0.26-0.39 of fp32's time
+    (benchmarks/int8-gemm).  Each product becomes integer_product's nodes: int8 activations per token, not
     per tensor, so that one token's large activations (an attention sink's) cost the others no precision.
     W8 and its scales are initializers at the external data location "derived": the runtime computes them
     at load from the same MatMulNBits weight the decode graph reads (runtime/backends/derived.py), so the
