@@ -162,8 +162,10 @@ std::vector<int64_t> Session::generate(const std::vector<int64_t>& prompt, const
     backend.run("decode", b.inputs, b.outputs);
     st.boundary_ms = ms_since(t1);
   } else {
-    // full mode's prompt: the decode graph, or its copy with integer GEMMs where the artifacts have one
-    const std::string graph = m.graphs.count("prompt") ? "prompt" : "decode";
+    // full mode's prompt: the decode graph, or its copy with integer GEMMs where the artifacts have one.  A
+    // char pointer, as the other calls pass: a std::string argument would let argument-dependent lookup pick
+    // std::bind over this file's bind.
+    const char* graph = m.graphs.count("prompt") ? "prompt" : "decode";
     bind(m, b, graph, 0, n);
     backend.run(graph, b.inputs, b.outputs);
     st.prefill_ms = ms_since(t0);
