@@ -125,6 +125,9 @@ class GraphIO:
         return inputs, outputs, [(where, array) for (_, where), array in zip(self.placed, staged)]
 
 
+WINDOW_INPUTS = {"window_seqlens_k", "window_total_sequence_length"}  # written in place, as seqlens_k is
+
+
 def check_prompt_chunk(n):
     """None (the backend's choice), 0 (one call) or a number of tokens per call; else one line."""
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
@@ -223,6 +226,7 @@ class PopSession:
         self._total = np.zeros((), np.int32)
         self._window_total = np.zeros((), np.int32)
         self.kv.use(batch)
+        self._steady = None  # the arrays above may be new: the next decode step binds afresh
 
     def _tokens(self, rows):
         """[batch, T] contiguous view of the token buffer holding rows."""
@@ -257,9 +261,21 @@ class PopSession:
             self._window_total[...] = total - shift
             extra["window_seqlens_k"], extra["window_total_sequence_length"] = \
                 self._window_seqlens[:b], self._window_total
+        # A text model's decode steps bind the same arrays step after step (the values above are written
+        # into them): the step before's inputs and outputs are passed again, the same dict objects, which
+        # tells the backend that nothing needs binding (backends/ort.py).  Building them anew cost about
+        # 0.2 ms of Python per step, 2-3% of a 4-bit smollm2-135m step.
+        key = (graph, b, shift, first)
+        if self._steady is not None and self._steady[0] == key and not extra.keys() - WINDOW_INPUTS:
+            inputs, outputs = self._steady[1]
+            inputs["input_ids"][...] = ids
+            return outputs["logits"], self.backend.run(graph, inputs, outputs)
         logits = self._logits[:b]
         inputs, outputs, placed = io.bind(self.kv, self.staging, self._tokens(ids), self._seqlens[:b], self._total,
                                           extra, logits, shift, first)
+        # steady: one token per row, no positions or image inputs (which change), nothing to place
+        self._steady = (key, (inputs, outputs)) if t == 1 and not extra.keys() - WINDOW_INPUTS and not placed \
+            else None
         gpu_ms = self.backend.run(graph, inputs, outputs)
         if placed:  # a first prompt fills every row from slot 0; later calls continue each row
             start = np.zeros(b, np.int64) if total == t else self._seqlens[:b].astype(np.int64) + 1 - t

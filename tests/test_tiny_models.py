@@ -140,6 +140,49 @@ def test_sliding_layers_read_from_their_window(exports):
     assert shifts[0] == 4 and 0 in shifts and max(shifts) >= 8
 
 
+def test_steady_decode_steps_bind_nothing_and_change_nothing(exports):
+    """Decode steps that bind what the step before bound pass the same inputs and outputs again, and ONNX
+    Runtime binds nothing: the logits are those of steps bound afresh, exactly, at every phase and step, in
+    both modes, for a batch of two rows, then one row (the buffers change size), on tiny-gemma3, whose
+    sliding layers' skip moves every other step (a new binding), and tiny-llama (none after the first)."""
+    from pop.runtime.session import MODES
+    g = torch.Generator().manual_seed(5)
+    for model in ("tiny-gemma3", "tiny-llama"):
+        steady, fresh = PopSession.load(exports(model)), PopSession.load(exports(model))
+        run = fresh._run
+
+        def unsteady(*args, **kwargs):
+            fresh._steady = None  # what every call did before: build and bind its inputs and outputs anew
+            return run(*args, **kwargs)
+        fresh._run = unsteady
+        binds, io = [], steady.backend._bindings["decode"]
+        bind_input, bind_output = io.bind_input, io.bind_output
+        io.bind_input = lambda name, *a: binds.append(name) or bind_input(name, *a)
+        io.bind_output = lambda name, *a: binds.append(name) or bind_output(name, *a)
+        for rows in ([torch.randint(3, 250, (n,), generator=g).tolist() for n in (30, 12)],
+                     [torch.randint(3, 250, (17,), generator=g).tolist()]):
+            for mode in MODES:
+                seen, per_step = {}, []
+                for name, session in (("steady", steady), ("fresh", fresh)):
+                    seen[name] = []
+
+                    def keep(phase, logits, out=seen[name], name=name):
+                        out.append((phase, None if logits is None else logits.copy()))
+                        if name == "steady" and phase == "decode":
+                            per_step.append(len(binds))
+                    for _ in session.run(session.encode(rows), 20, mode, observe=keep):
+                        pass
+                assert [p for p, _ in seen["steady"]] == [p for p, _ in seen["fresh"]]
+                for (phase, a), (_, b) in zip(seen["steady"], seen["fresh"]):
+                    if a is not None:
+                        np.testing.assert_array_equal(a, b, err_msg=f"{model} {mode} {phase}")
+                bound = np.diff(per_step)  # names bound by each decode step after the first
+                if model == "tiny-llama":
+                    assert not bound.any(), (mode, bound)
+                else:  # the sliding layers' past moves every window/4 = 2 steps, and is bound again then
+                    assert (bound == 0).sum() >= len(bound) // 2 - 1 and bound.any(), (mode, bound)
+
+
 def test_prompt_in_chunks_gives_the_logits_of_one_call(family, exports, hf_models):
     """A prompt phase in chunks of 5 tokens (ONNX Runtime on the CPU chunks at PROMPT_CHUNK) leaves the KV
     buffer and the logits of one call, at every phase and step in both modes, past tiny-gemma3's window of

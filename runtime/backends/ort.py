@@ -280,8 +280,12 @@ class OrtBackend:
         io = self._bindings[graph]
         # A decode step binds the same KV blocks as the step before (the same view objects, runtime/kv.py):
         # only what changed is bound again, which saves a Python call per layer and kind each step.
-        # The arrays stay referenced here, so an object seen again is the same memory and shape.
-        bound = self._bound.setdefault(graph, ({}, {}))
+        # The arrays stay referenced here, so an object seen again is the same memory and shape.  The
+        # same dicts as the call before (the session's steady decode steps) hold the same arrays: all bound.
+        bound = self._bound.setdefault(graph, ({}, {}, None))
+        if bound[2] is not None and bound[2][0] is inputs and bound[2][1] is outputs:
+            return self._run_bound(graph, io)
+        self._bound[graph] = bound = (bound[0], bound[1], (inputs, outputs))
         if inputs.keys() != bound[0].keys() or outputs.keys() != bound[1].keys():
             io.clear_binding_inputs()
             io.clear_binding_outputs()
@@ -295,6 +299,9 @@ class OrtBackend:
             if bound[1].get(name) is not array:
                 io.bind_output(name, _device(array), 0, element_type(array.dtype), array.shape, _address(array, name))
                 bound[1][name] = array
+        return self._run_bound(graph, io)
+
+    def _run_bound(self, graph, io):
         if self.device == "cpu":
             self.sessions[graph].run_with_iobinding(io)
             return None
