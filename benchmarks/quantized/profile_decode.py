@@ -6,6 +6,9 @@ graph's calls over --prompts POP prompts of --context tokens (median over their 
         --context 1024 --steps 32 --threads 2
     .venv/bin/python benchmarks/quantized/profile_decode.py artifacts/smollm2-135m-onnx-pop-int4 \
         --graph prefill --context 1024 --prompts 4 --threads 2
+
+--profile FILE reads a profile another program wrote instead (onnxruntime-genai's, made by
+benchmarks/int8-gemm/decode/profile_genai.py), over its last --steps - 1 runs, in the same table.
 """
 import argparse
 import os
@@ -27,7 +30,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--graph", choices=("decode", "prefill"), default="decode")
     p.add_argument("--prompts", type=int, default=4, help="--graph prefill: timed POP prompts")
+    p.add_argument("--profile", type=Path, default=None, help="an existing ONNX Runtime profile to read instead")
     a = p.parse_args(argv)
+    if a.profile is not None:
+        by_op, run_ms = kernel_ms_by_operator(a.profile, a.steps - 1)
+        return table(a.profile.name, f"its last {a.steps - 1} runs", run_ms, by_op, "per step", "")
     plain = ort.SessionOptions
     prefix = Path(tempfile.mkdtemp()) / "decode"
 
@@ -62,14 +69,17 @@ def main(argv=None):
         by_op, run_ms = kernel_ms_by_operator(session.backend.sessions["decode"].end_profiling(), a.steps - 1)
         what, unit = f"decode step at {a.context} tokens of context, median over {a.steps - 1} steps", "per step"
         wall = f"; wall per token {np.median(stats['decode_ms']):.2f} ms"
+    table(a.artifacts.name, what, run_ms, by_op, unit, wall)
+    for f in prefix.parent.glob("*.json"):
+        os.remove(f)
+
+
+def table(name, what, run_ms, by_op, unit, wall):
     rows = sorted(by_op.items(), key=lambda x: -x[1])
-    print(f"{a.artifacts.name}: {what}, profiler on: model run {run_ms:.2f} ms, kernels "
-          f"{sum(v for _, v in rows):.2f} ms{wall}")
+    print(f"{name}: {what}, profiler on: model run {run_ms:.2f} ms, kernels {sum(v for _, v in rows):.2f} ms{wall}")
     print(f"| operator | ms {unit} |\n|---|---|")
     for op, ms in rows:
         print(f"| {op} | {ms:.2f} |")
-    for f in prefix.parent.glob("*.json"):
-        os.remove(f)
 
 
 if __name__ == "__main__":
