@@ -264,18 +264,18 @@ class PopSession:
         # A text model's decode steps bind the same arrays step after step (the values above are written
         # into them): the step before's inputs and outputs are passed again, the same dict objects, which
         # tells the backend that nothing needs binding (backends/ort.py).  Building them anew cost about
-        # 0.2 ms of Python per step, 2-3% of a 4-bit smollm2-135m step.
+        # 0.2 ms of Python per step, 3-4% of a 4-bit step (benchmarks/int8-gemm/README.md).
         key = (graph, b, shift, first)
-        if self._steady is not None and self._steady[0] == key and not extra.keys() - WINDOW_INPUTS:
+        text_only = not extra.keys() - WINDOW_INPUTS  # no positions or image inputs, which change each call
+        if self._steady is not None and self._steady[0] == key and text_only:
             inputs, outputs = self._steady[1]
             inputs["input_ids"][...] = ids
             return outputs["logits"], self.backend.run(graph, inputs, outputs)
         logits = self._logits[:b]
         inputs, outputs, placed = io.bind(self.kv, self.staging, self._tokens(ids), self._seqlens[:b], self._total,
                                           extra, logits, shift, first)
-        # steady: one token per row, no positions or image inputs (which change), nothing to place
-        self._steady = (key, (inputs, outputs)) if t == 1 and not extra.keys() - WINDOW_INPUTS and not placed \
-            else None
+        # steady: one token per row and nothing to place
+        self._steady = (key, (inputs, outputs)) if t == 1 and text_only and not placed else None
         gpu_ms = self.backend.run(graph, inputs, outputs)
         if placed:  # a first prompt fills every row from slot 0; later calls continue each row
             start = np.zeros(b, np.int64) if total == t else self._seqlens[:b].astype(np.int64) + 1 - t
