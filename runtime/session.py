@@ -265,7 +265,7 @@ class PopSession:
         # into them): the step before's inputs and outputs are passed again, the same dict objects, which
         # tells the backend that nothing needs binding (backends/ort.py).  Building them anew cost about
         # 0.2 ms of Python per step, 3-4% of a 4-bit step (benchmarks/int8-gemm/README.md).
-        key = (graph, b, shift, first)
+        key = (graph, b, t, shift, first)
         text_only = not extra.keys() - WINDOW_INPUTS  # no positions or image inputs, which change each call
         if self._steady is not None and self._steady[0] == key and text_only:
             inputs, outputs = self._steady[1]

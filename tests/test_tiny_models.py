@@ -181,6 +181,13 @@ def test_steady_decode_steps_bind_nothing_and_change_nothing(exports):
                     assert not bound.any(), (mode, bound)
                 else:  # the sliding layers' past moves every window/4 = 2 steps, and is bound again then
                     assert (bound == 0).sum() >= len(bound) // 2 - 1 and bound.any(), (mode, bound)
+        # a call of two tokens right after a steady one-token step binds afresh (same graph, row and shift)
+        slot = int(steady._seqlens[0])
+        two = np.array([[7, 11]], np.int64)
+        for session in (steady, fresh):
+            session._run("decode", None, np.array([[5]], np.int64), np.array([slot + 1]), slot + 2)
+        a = steady._run("decode", None, two, np.array([slot + 3]), slot + 4)[0].copy()
+        np.testing.assert_array_equal(a, fresh._run("decode", None, two, np.array([slot + 3]), slot + 4)[0])
 
 
 def test_prompt_in_chunks_gives_the_logits_of_one_call(family, exports, hf_models):
