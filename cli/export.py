@@ -39,8 +39,8 @@ def parser():
     p.add_argument("--weights", default="fp32", choices=WEIGHTS,
                    help="int8/int4: weight-only block quantization of the text graphs' matrices (ONNX Runtime's "
                         "MatMulNBits; a tied embedding is gathered from the same 4- or 8-bit table). Default fp32")
-    p.add_argument("--weights-block", type=int, default=32, metavar="B",
-                   help="values per quantization scale (default 32)")
+    p.add_argument("--weights-block", type=int, metavar="B",
+                   help="values per quantization scale: 16, 32, 64, 128 or 256 (default 64 for int4, 32 for int8)")
     p.add_argument("--weights-compute", choices=COMPUTE,
                    help="quantized products in fp32 (verified exactly), or with int8 activations in both graphs "
                         "(int8) or in the decode graph only (int8-decode: POP's prefill graph keeps fp32 products): "
@@ -49,9 +49,9 @@ def parser():
                         "on the CPU, ONNX Runtime's CPU provider only); the error is measured and recorded. "
                         "Default: int8-gemm for --weights int4, int8 for --weights int8 (the faster as measured, "
                         "and for int8 the closer); fp32 with --dtype fp16")
-    p.add_argument("--weights-asymmetric", action="store_true",
+    p.add_argument("--weights-asymmetric", action=argparse.BooleanOptionalAction,
                    help="a zero point per block besides its scale: each block's range uses every code (default: "
-                        "symmetric, no zero points)")
+                        "on for int4, off for int8; --no-weights-asymmetric: symmetric, no zero points)")
     p.add_argument("--keep-embedding", action="store_true",
                    help="with --weights int8/int4: keep the output matrix, and a tied embedding with it, in float32 "
                         "(a bigger folder and a slower last product, for exact logits' projection)")

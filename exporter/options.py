@@ -30,11 +30,11 @@ class ExportOptions:
     ridge: str | float = "auto"
     guard: str = "samples"  # fitted heads: "samples", "off" or a text file (exporter/fitted_heads.py)
     weights: str = "fp32"  # or "int8", "int4": weight-only block quantization (exporter/quantize.py)
-    weights_block: int = 32
+    weights_block: int | None = None  # values per scale; None: quantize.DEFAULT_BLOCK for the bits
     # "fp32", "int8" or "int8-decode": where MatMulNBits takes int8 activations; None: the faster one as
     # measured for the bits (quantize.default_compute)
     weights_compute: str | None = None
-    weights_asymmetric: bool = False  # a zero point per block
+    weights_asymmetric: bool | None = None  # a zero point per block; None: quantize.DEFAULT_ASYMMETRIC for the bits
     keep_embedding: bool = False  # the output matrix (and a tied embedding) stays in float32
     command: str | None = None  # as typed, for the manifest's provenance
 
@@ -79,11 +79,13 @@ class ExportOptions:
 
     def scheme(self):
         """The quantization scheme of --weights and its options (exporter/quantize.py), or None for fp32."""
-        from .quantize import default_compute, scheme_for
+        from .quantize import DEFAULT_ASYMMETRIC, DEFAULT_BLOCK, default_compute, scheme_for
         dtype = DTYPES.get(self.dtype, "float32")
         compute = self.weights_compute or default_compute(self.weights, dtype)
-        return scheme_for(self.weights, self.weights_block, compute, not self.weights_asymmetric,
-                          self.keep_embedding, dtype)
+        block = self.weights_block or DEFAULT_BLOCK.get(self.weights, 32)
+        asymmetric = DEFAULT_ASYMMETRIC.get(self.weights, False) if self.weights_asymmetric is None \
+            else self.weights_asymmetric
+        return scheme_for(self.weights, block, compute, not asymmetric, self.keep_embedding, dtype)
 
     @property
     def torch_dtype(self) -> str:

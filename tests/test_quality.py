@@ -159,15 +159,15 @@ def test_eval_sets_several_exports_side_by_side(exports, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     fp32, int4 = exports("tiny-llama"), exports("tiny-llama", weights="int4")
-    asym = exports("tiny-llama", weights="int4", weights_asymmetric=True)
+    sym = exports("tiny-llama", weights="int4", weights_asymmetric=False)
     kept = exports("tiny-llama", weights="int4", keep_embedding=True)
-    report = evaluate(artifacts=[fp32, int4, asym, kept], data_paths=[text], ks=[4], samples=3, prompt_len=20,
+    report = evaluate(artifacts=[fp32, int4, sym, kept], data_paths=[text], ks=[4], samples=3, prompt_len=20,
                       continuation=6, greedy_tokens=5, progress=lambda m: None)
     rows = {r["method"]: r for r in report["data"][0]["results"]}
     # each row names what sets its export apart: scheme, block, zero points, a float32 output matrix
-    sym, zp, f32 = (", int4 weights (block 32)", ", int4 weights (block 32, zero points)",
-                    ", int4 weights (block 32, float32 output matrix and embedding)")
-    assert [a["tags"] for a in report["artifacts"]] == [["", ""], [sym, sym], [zp, zp], [f32, f32]]
+    zp, sym, f32 = (", int4 weights (block 64, zero points)", ", int4 weights (block 64)",
+                    ", int4 weights (block 64, zero points, float32 output matrix and embedding)")
+    assert [a["tags"] for a in report["artifacts"]] == [["", ""], [zp, zp], [sym, sym], [f32, f32]]
     # the fp32 export is the PyTorch model; the int4 ones are not, and their rows say so
     assert rows["exported graphs, pop runtime, full mode"]["kl_full_to_method"] < 1e-6
     for tag in (sym, zp, f32):

@@ -121,12 +121,14 @@ def test_quantized_export_verifies_and_stores_the_table_once(family, weights, ex
 
 
 def test_zero_points_and_a_float_embedding_export_and_verify(exports):
-    """--weights-asymmetric: every product and the tied gather read zero points, the gather's and the output
-    product's stored once; --keep-embedding: the output matrix and the embedding stay float32 (the export
-    verified both against the reference, or it would have raised)."""
-    asym = exports("tiny-gemma3", weights="int4", weights_asymmetric=True)
+    """Zero points (int4's default, --weights-asymmetric): every product and the tied gather read them, the
+    gather's and the output product's stored once; --keep-embedding: the output matrix and the embedding stay
+    float32 (the export verified both against the reference, or it would have raised)."""
+    asym = exports("tiny-gemma3", weights="int4")
     manifest = json.loads((asym / "pop_manifest.json").read_text())
-    assert manifest["weights"]["quantization"]["symmetric"] is False and manifest["verification"]["passed"]
+    record = manifest["weights"]["quantization"]
+    assert (record["symmetric"], record["block_size"]) == (False, quantize.DEFAULT_BLOCK["int4"])
+    assert manifest["verification"]["passed"]
     decode = onnx.load(str(asym / "decode.onnx"), load_external_data=False)
     quantized = [n for n in decode.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
     assert quantized and all(len(n.input) == 4 and n.input[3] for n in quantized)
@@ -137,7 +139,7 @@ def test_zero_points_and_a_float_embedding_export_and_verify(exports):
     values = {t.name: numpy_helper.to_array(t, base_dir=str(asym)) for t in decode.graph.initializer}
     # the same zero-point bytes, in the shapes each operator takes (weights.bin stores equal bytes once)
     assert values[gather.input[3]].tobytes() == values[lm_head.input[3]].tobytes()
-    assert values[gather.input[3]].shape == (vocab, -(-manifest["model"]["hidden_size"] // 32 // 2))
+    assert values[gather.input[3]].shape == (vocab, -(-manifest["model"]["hidden_size"] // record["block_size"] // 2))
 
     kept = exports("tiny-llama", weights="int4", keep_embedding=True)
     record = json.loads((kept / "pop_manifest.json").read_text())["weights"]["quantization"]
@@ -167,15 +169,16 @@ def test_fp16_graphs_take_fp16_scales(exports):
     assert len(session.generate(PROMPT_IDS, 6, "pop").output_ids[0]) >= 1
 
 
-@pytest.mark.parametrize("options", [{}, {"weights_asymmetric": True}, {"keep_embedding": True}])
+@pytest.mark.parametrize("options", [{}, {"weights_asymmetric": False}, {"keep_embedding": True}])
 def test_int4_greedy_equals_hf_generate_on_the_quantized_model(exports, options):
     """An independent check: HF's own generate on the model with the same rounded weights gives full mode's
-    tokens, and POP mode runs end to end through the CLI."""
+    tokens (int4's default grid, symmetric, a float32 output matrix), and POP mode runs end to end through
+    the CLI."""
     q = exports("tiny-llama", weights="int4", **options)
     model = tiny.build("tiny-llama")[0]
     from pop.exporter.families import adapter_for
-    s = quantize.scheme_for("int4", symmetric=not options.get("weights_asymmetric", False),
-                            keep_embedding=options.get("keep_embedding", False))
+    s = ExportOptions("tiny-llama", weights="int4", weights_compute="fp32", **options).scheme()
+    assert s.block == 64 and s.symmetric == (options.get("weights_asymmetric") is False)
     quantize.fake_quantize(quantize.text_modules(adapter_for(model), keep_embedding=s.keep_embedding), s)
     session = PopSession.load(q)
     assert session.generate(PROMPT_IDS, 12, "full").output_ids[0] == hf_greedy(model, PROMPT_IDS, 12,
@@ -322,8 +325,10 @@ def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(t
     products first and records how far the switch moved it; the runtime's POP and full-mode logits are near
     the fp32-product export's of the same weights (and not equal: the integer products run); a damaged
     manifest fails in one line."""
-    out = exports("tiny-llama", weights="int4", weights_compute="int8-gemm")
-    exact = exports("tiny-llama", weights="int4")  # the same weights, fp32 products
+    # symmetric: a tiny model's zero points are small enough for the graph to hold them, and a weight whose
+    # parts the graph holds gets its int8 form made at export, not derived at load (real models' are derived)
+    out = exports("tiny-llama", weights="int4", weights_compute="int8-gemm", weights_asymmetric=False)
+    exact = exports("tiny-llama", weights="int4", weights_asymmetric=False)  # the same weights, fp32 products
     manifest = json.loads((out / "pop_manifest.json").read_text())
     q = manifest["weights"]["quantization"]
     assert manifest["schema_version"] == 6 and manifest["verification"]["passed"]
