@@ -82,7 +82,7 @@ class ExportOptions:
         from .quantize import DEFAULT_ASYMMETRIC, DEFAULT_BLOCK, default_compute, scheme_for
         dtype = DTYPES.get(self.dtype, "float32")
         compute = self.weights_compute or default_compute(self.weights, dtype)
-        block = self.weights_block or DEFAULT_BLOCK.get(self.weights, 32)
+        block = DEFAULT_BLOCK.get(self.weights, 32) if self.weights_block is None else self.weights_block
         asymmetric = DEFAULT_ASYMMETRIC.get(self.weights, False) if self.weights_asymmetric is None \
             else self.weights_asymmetric
         return scheme_for(self.weights, block, compute, not asymmetric, self.keep_embedding, dtype)

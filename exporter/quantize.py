@@ -37,7 +37,8 @@ BITS = {"int8": 8, "int4": 4}
 # point each.  On both real models this decodes in 0.92 of the time of blocks of 32 without (the decode
 # graph reads about 4.6 bits a weight instead of 5, and MLAS applies half the scales), 0.85-0.87 of
 # onnxruntime-genai int4's, and rounds closer by KL and perplexity (the zero points win back more than the
-# longer blocks lose; gemma3-270m's first-token top-1 agreement is a little lower); benchmarks/int4-blocks.  8 bits: blocks of 32, symmetric, whose error pop-eval barely tells from fp32's.
+# longer blocks lose; gemma3-270m's first-token top-1 agreement is a little lower); benchmarks/int4-blocks.
+# 8 bits: blocks of 32, symmetric, whose error pop-eval barely tells from fp32's.
 DEFAULT_BLOCK = {"int8": 32, "int4": 64}
 DEFAULT_ASYMMETRIC = {"int8": False, "int4": True}
 MS = "com.microsoft"

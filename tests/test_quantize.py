@@ -193,6 +193,7 @@ def test_bad_combinations_fail_before_loading(tmp_path):
                          (("--weights", "int4", "--dtype", "fp16", "--weights-compute", "int8-decode"),
                           "is for fp32 exports on the CPU"),
                          (("--weights", "int4", "--weights-block", "48"), "--weights-block must be"),
+                         (("--weights", "int4", "--weights-block", "0"), "--weights-block must be"),
                          (("--weights", "int4", "--dtype", "fp16", "--weights-compute", "int8-gemm"),
                           "is for fp32 exports on the CPU"),
                          (("--weights-compute", "int8",), "add --weights int8 or int4"),
