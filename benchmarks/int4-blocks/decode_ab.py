@@ -88,9 +88,11 @@ def main():
     p.add_argument("--child", choices=("ours", "genai"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps((ours if a.child == "ours" else genai)(a.artifacts[0], a.context, a.steps, a.threads, a.batch)))
+        measure = ours if a.child == "ours" else genai
+        print(json.dumps(measure(a.artifacts[0], a.context, a.steps, a.threads, a.batch)))
         return
-    runs = [(str(d), sys.executable, "ours") for d in a.artifacts] + [(str(d), a.genai_python, "genai") for d in a.genai]
+    runs = [(str(d), sys.executable, "ours") for d in a.artifacts]
+    runs += [(str(d), a.genai_python, "genai") for d in a.genai]
     got = {name: [] for name, _, _ in runs}
     for r in range(a.rounds):
         for name, python, kind in runs:
@@ -101,8 +103,8 @@ def main():
                 sys.exit(f"{name}: {out.stderr.strip().splitlines()[-1]}")
             got[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {name} {got[name][-1]:.2f} ms/step", file=sys.stderr)
-    print(f"decode ms/step at {a.context} tokens, batch {a.batch}, {a.threads} threads, median of {a.rounds} alternated "
-          f"processes (each the median of 3 x {a.steps} steps)")
+    print(f"decode ms/step at {a.context} tokens, batch {a.batch}, {a.threads} threads, median of {a.rounds} "
+          f"alternated processes (each the median of 3 x {a.steps} steps)")
     for name, values in got.items():
         print(f"  {name}: {np.median(values):.2f}  (rounds: {', '.join(f'{v:.2f}' for v in values)})")
 
