@@ -1,7 +1,9 @@
 """--weights int8|int4: the block layout against ONNX Runtime's own MatMulNBits and GatherBlockQuantized
 kernels, exports that verify against the reference holding the same (dequantized) weights, the tied table
 stored once, greedy tokens equal to HF generate on the quantized model, and bad combinations refused."""
+import ctypes
 import json
+import mmap
 import shutil
 
 import numpy as np
@@ -318,14 +320,25 @@ def test_derived_int8_matrix_is_the_stored_weight_to_half_a_step(bits, symmetric
         derived.derive(DerivedTensor("w.int8", "w.int8_scale", k, n, len(file), 0), file, bits, 32)
 
 
+def resident_pages(pages: mmap.mmap):
+    """How many pages of a mapping are in memory (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    count = -(-len(pages) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * count)()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(pages)), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec)
+
+
 def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(tmp_path, exports):
     """--weights-compute int8-gemm: POP's prefill graph, and "prompt", the decode graph's copy that runs full mode's
     prompt, run their products as MatMulInteger over int8 matrices the folder does not hold (the runtime derives
     them at load from the 4-bit weights the decode graph reads; the output matrix stays MatMulNBits); the
     decode graph's single-token steps stay MatMulNBits with int8 activations.  The export verified with fp32
     products first and records how far the switch moved it; the runtime's POP and full-mode logits are near
-    the fp32-product export's of the same weights (and not equal: the integer products run); a damaged
-    manifest fails in one line."""
+    the fp32-product export's of the same weights (and not equal: the integer products run), after the runtime
+    has given the pages of its own derived matrices back (ONNX Runtime holds its copies); a damaged manifest
+    fails in one line."""
     # symmetric: a tiny model's zero points are small enough for the graph to hold them, and a weight whose
     # parts the graph holds gets its int8 form made at export, not derived at load (real models' are derived)
     out = exports("tiny-llama", weights="int4", weights_compute="int8-gemm", weights_asymmetric=False)
@@ -348,6 +361,9 @@ def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(t
                    if t.data_location == TensorProto.EXTERNAL and t.external_data[0].value == derived.DERIVED}
         assert at_load and at_load == {e[key] for e in q["derived"] if e["graph"] == g for key in ("weight", "scale")}
     assert (out / "weights.bin").stat().st_size == (exact / "weights.bin").stat().st_size  # nothing stored twice
+
+    given_back = PopSession.load(out).backend._derived_pages
+    assert given_back and not any(resident_pages(pages) for pages in given_back)
 
     def first_logits(directory, mode):
         session, got, graphs = PopSession.load(directory), [], []
