@@ -9,11 +9,12 @@ import sys
 
 import numpy as np
 
+from pop.runtime.memory import rss
 from pop.runtime.session import PopSession
 
 
 def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+    return rss()[0] / 1e6
 
 
 def main():

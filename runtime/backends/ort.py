@@ -21,7 +21,7 @@ graph (full mode's prompt) multiply by are not in weights.bin; they are derived 
 add_external_initializers; each session packs its own copy.  On the CPU only.  ONNX Runtime copies them while
 it builds a session and never reads ours again (overwriting ours after changes no logit, with prepacking or
 without; the int8-gemm test checks the logits at every run), so ours are held in anonymous pages of their
-own, given back to the system once the sessions exist: about 100 MB less resident on both real models.
+own, given back to the system once the sessions exist: about 110 MB less resident on both real models.
 
 IO: inputs and outputs are bound by pointer to the session's preallocated
 arrays (IOBinding), so the graphs read past K/V from, and write new K/V into,
