@@ -5,7 +5,10 @@ exporter calls it so that the manifest records what the runtime really holds,
 not an estimate.
 """
 import json
+import mmap
 import sys
+
+import numpy as np
 
 
 def rss():
@@ -18,6 +21,32 @@ def rss():
             if len(parts) == 3 and parts[2] == "kB":
                 fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
     return fields["Rss"], fields["Anonymous"]
+
+
+def lazy_zeros(shape, dtype):
+    """Zeros in private anonymous pages of 4 KiB that become resident only where written.  numpy asks the
+    kernel for transparent huge pages on its large arrays, and then one write makes a whole 2 MiB page
+    resident: the KV buffer, whose slots of one row and head span 1-4 MiB on the real models, was wholly
+    resident after any prompt (755 MB at batch 4 on smollm2-135m, where 1024 tokens and 33 more write
+    195; benchmarks/capacity/README.md).  The mapping lives as long as the array."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere huge pages are not given unasked
+        pages.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(pages, dtype, count).reshape(shape)
+
+
+def resident_bytes(array):
+    """Bytes of an array's pages that are in memory (mincore(2), Linux)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE
+    length = array.nbytes + (array.ctypes.data - start)
+    vec = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+    if length and libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec):
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
 
 
 def peak_rss_bytes():

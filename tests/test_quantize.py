@@ -1,7 +1,6 @@
 """--weights int8|int4: the block layout against ONNX Runtime's own MatMulNBits and GatherBlockQuantized
 kernels, exports that verify against the reference holding the same (dequantized) weights, the tied table
 stored once, greedy tokens equal to HF generate on the quantized model, and bad combinations refused."""
-import ctypes
 import json
 import mmap
 import shutil
@@ -19,6 +18,7 @@ from pop.runtime.backends import BackendOptions, derived
 from pop.runtime.backends.ort import OrtBackend
 from pop.runtime.errors import PopError
 from pop.runtime.manifest import DerivedTensor, Manifest
+from pop.runtime.memory import resident_bytes
 from pop.runtime.session import PopSession
 
 PROMPT_IDS = [1, 45, 67, 89, 23, 56, 78, 90, 12, 34, 11, 99]
@@ -338,12 +338,7 @@ def test_derived_int8_matrix_is_the_stored_weight_to_half_a_step(bits, symmetric
 
 def resident_pages(pages: mmap.mmap):
     """How many pages of a mapping are in memory (mincore(2))."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    count = -(-len(pages) // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * count)()
-    address = ctypes.addressof(ctypes.c_char.from_buffer(pages))
-    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(pages)), vec) == 0, ctypes.get_errno()
-    return sum(v & 1 for v in vec)
+    return resident_bytes(np.frombuffer(pages, np.uint8)) // mmap.PAGESIZE
 
 
 def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(tmp_path, exports):

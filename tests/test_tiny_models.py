@@ -7,6 +7,7 @@ import torch
 
 from pop.exporter import reference
 from pop.exporter.verify import TOLERANCE
+from pop.runtime.memory import resident_bytes
 from pop.runtime.session import PopSession
 
 from conftest import cli, generate_json, hf_greedy, packed_copy_bytes, rope_table_bytes
@@ -337,6 +338,24 @@ def test_kv_buffer_is_written_in_place(family, exports, hf_models):
         stored = k.shape[0]
         np.testing.assert_allclose(_rows(session.kv, l, 0, 0, n)[n - stored:], k[:, 0], atol=1e-4, rtol=0)
         np.testing.assert_allclose(_rows(session.kv, l, 1, 0, n)[n - stored:], v[:, 0], atol=1e-4, rtol=0)
+
+
+def test_kv_buffer_pages_are_resident_only_where_written(exports):
+    """numpy asks the kernel for transparent huge pages on arrays of 4 MiB and more, and then one write makes
+    2 MiB resident: the real models' KV buffers were wholly resident after any prompt.  The runtime's buffer
+    is in 4 KiB pages: eight short prompts in a buffer of 6 MB make the first page of each layer's, row's and
+    head's slots resident, and nothing else."""
+    import mmap
+    session = PopSession.load(exports("tiny-llama"))
+    prompt = [1, 45, 67, 89, 23, 56]
+    expected = session.generate(prompt, 4, stop_at_eos=False).output_ids[0]
+    out = session.generate([prompt] * 8, 4, stop_at_eos=False)
+    assert all(ids == expected for ids in out.output_ids)
+    kv = session.kv
+    slot_bytes = kv.head_dim * kv.dtype.itemsize
+    assert kv.nbytes > 4 << 20 and kv.max_seq_len * slot_bytes % mmap.PAGESIZE == 0
+    assert (len(prompt) + 4) * slot_bytes <= mmap.PAGESIZE  # every row's slots so far lie in its first page
+    assert resident_bytes(kv._storage) == kv.num_layers * 2 * kv.rows * kv.kv_heads * mmap.PAGESIZE
 
 
 def test_weights_are_stored_once(family, exports):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PopError
+from ..memory import lazy_zeros
 from . import BackendOptions
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
@@ -99,7 +100,7 @@ class AotiBackend:
     def zeros(self, shape, dtype):
         """The KV buffer and the staging: numpy on the CPU, device tensors for CUDA packages."""
         if self.device == "cpu":
-            return np.zeros(shape, dtype)
+            return lazy_zeros(shape, dtype)  # resident where written only
         return self._torch.zeros(shape, dtype=_torch_dtype(self._torch, dtype), device=self.device)
 
     def host_zeros(self, shape, dtype):

@@ -53,6 +53,7 @@ import onnxruntime as ort
 
 from ..errors import PopError
 from ..manifest import np_dtype
+from ..memory import lazy_zeros
 from . import BackendOptions, derived, dlpack
 
 
@@ -180,7 +181,7 @@ class OrtBackend:
             providers = [(provider, cuda_provider_options(self.stream.ptr, options.tf32)),
                          "CPUExecutionProvider"]  # the CPU takes what CUDA has no kernel for
         else:
-            self.zeros = np.zeros
+            self.zeros = lazy_zeros  # the KV buffer: resident where written only
             provider = "CPUExecutionProvider"
             providers = [provider]
         prompt_level = q.prompt_accuracy_level if q is not None and device == "cpu" else None

@@ -79,7 +79,19 @@ class AotiBackend : public Backend {
   bool device_memory() const override { return device_.is_cuda(); }
 
   void* alloc(size_t bytes) override {
-    at::Tensor t = at::zeros({int64_t(bytes)}, at::TensorOptions().dtype(at::kByte).device(device_));
+    at::Tensor t;
+    if (device_.is_cuda()) {
+      t = at::zeros({int64_t(bytes)}, at::TensorOptions().dtype(at::kByte).device(device_));
+    } else {
+      // Zero pages of 4 KiB, resident only where written: at::zeros writes every byte, and the KV buffer is
+      // sized for max_seq_len while a prompt writes a few slots of each row (as the Python runtime's lazy_zeros).
+      size_t length = bytes ? bytes : 1;
+      void* pages = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (pages == MAP_FAILED) throw std::bad_alloc();
+      madvise(pages, length, MADV_NOHUGEPAGE);
+      t = at::from_blob(pages, {int64_t(bytes)}, [length](void* p) { munmap(p, length); },
+                        at::TensorOptions().dtype(at::kByte));
+    }
     void* p = t.data_ptr();
     owned_.emplace(p, std::move(t));
     return p;
