@@ -4,6 +4,7 @@ Run as `python -m pop.runtime.memory DIR`; prints one JSON object.  The
 exporter calls it so that the manifest records what the runtime really holds,
 not an estimate.
 """
+import ctypes
 import json
 import mmap
 import sys
@@ -23,23 +24,29 @@ def rss():
     return fields["Rss"], fields["Anonymous"]
 
 
-def lazy_zeros(shape, dtype):
-    """Zeros in private anonymous pages of 4 KiB that become resident only where written.  numpy asks the
-    kernel for transparent huge pages on its large arrays, and then one write makes a whole 2 MiB page
-    resident: the KV buffer, whose slots of one row and head span 1-4 MiB on the real models, was wholly
-    resident after any prompt (755 MB at batch 4 on smollm2-135m, where 1024 tokens and 33 more write
-    195; benchmarks/capacity/README.md).  The mapping lives as long as the array."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def anonymous_pages(nbytes):
+    """A private anonymous mapping in 4 KiB pages: resident only where written, and given back to the system
+    for good by madvise(MADV_DONTNEED) (a shared mapping's pages would stay in shmem).  numpy asks the kernel
+    for transparent huge pages on its large arrays, and then one write makes a whole 2 MiB page resident: the
+    KV buffer, whose slots of one row and head span 1-4 MiB on the real models, was wholly resident after
+    any prompt (755 MB at batch 4 on smollm2-135m, where 1024 tokens and 33 more write 195;
+    benchmarks/capacity/README.md)."""
+    pages = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere huge pages are not given unasked
         pages.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(pages, dtype, count).reshape(shape)
+    return pages
+
+
+def lazy_zeros(shape, dtype):
+    """np.zeros in anonymous_pages: the KV buffer's pages cost memory only once a token is written there.
+    The mapping lives as long as the array."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(anonymous_pages(count * dtype.itemsize), dtype, count).reshape(shape)
 
 
 def resident_bytes(array):
     """Bytes of an array's pages that are in memory (mincore(2), Linux)."""
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     start = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE
     length = array.nbytes + (array.ctypes.data - start)

@@ -53,7 +53,7 @@ import onnxruntime as ort
 
 from ..errors import PopError
 from ..manifest import np_dtype
-from ..memory import lazy_zeros
+from ..memory import anonymous_pages, lazy_zeros
 from . import BackendOptions, derived, dlpack
 
 
@@ -250,8 +250,7 @@ class OrtBackend:
                         weight, scale = derived.derive(entry, self._mmap, q.bits, q.block_size)
                     except ValueError as e:
                         raise PopError(f"{self.weights_file.name}: {e}: corrupt artifacts") from None
-                    # private: MADV_DONTNEED then frees the pages (a shared mapping's would stay in shmem)
-                    pages = mmap.mmap(-1, weight.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                    pages = anonymous_pages(weight.nbytes)  # which MADV_DONTNEED frees once sessions exist
                     self._derived_pages.append(pages)
                     held = np.frombuffer(pages, np.int8).reshape(weight.shape)
                     held[...] = weight
