@@ -18,10 +18,13 @@ the same memory, seen from `shift` slots on, so that attention over it starts
 there (runtime/session.py says when).  The allocation ends with one row of
 slack, so that the last block's shifted view stays inside it.
 
-The storage is allocated once for the largest batch seen.  Where it lives is the
-backend's choice (`zeros`): a numpy array on the CPU, device memory for the GPU
-backends, whose views are the same blocks as addresses (backends/cuda.py); a
-device buffer places through the backend's `place`.
+The storage is allocated once for the largest batch seen, for max_seq_len slots
+per row.  Where it lives is the backend's choice (`zeros`): on the CPU a numpy
+array over pages that become resident only where a token is written
+(memory.lazy_zeros), so a session holds the slots it uses, not the length it
+was exported for; device memory for the GPU backends, whose views are the same
+blocks as addresses (backends/cuda.py); a device buffer places through the
+backend's `place`.
 """
 import numpy as np
 
