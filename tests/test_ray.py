@@ -183,15 +183,26 @@ def _under_fault(server, artifacts, on_victim, fault, n=200, bursts=3):
     return counts
 
 
+def _worker(cluster):
+    """The worker node's raylet, and the pids of every process under it."""
+    raylets = cluster.raylets()
+    worker = [p for p in raylets if any("pop_test_worker" in a for a in p.cmdline())]
+    assert len(raylets) == 2 and len(worker) == 1, [p.cmdline()[:3] for p in raylets]
+    return worker[0], {p.pid for p in worker[0].children(recursive=True)}
+
+
 def test_a_replica_killed_mid_load_costs_only_retryable_errors(ray_serve):
-    server, artifacts, _ = ray_serve
+    server, artifacts, cluster = ray_serve
     assert len(replicas()) == 2
     killed = []
 
     def kill(pid):
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
-    counts = _under_fault(server, artifacts, lambda pid: True, kill)
+    # the head node's replica: its replacement can only go to the head (the worker's one CPU stays taken), and
+    # the next test needs a replica on the worker; a replacement for the worker's could land on the head
+    _, on_worker = _worker(cluster)
+    counts = _under_fault(server, artifacts, lambda pid: pid not in on_worker, kill)
     assert counts["completed"] >= 1 and counts["retry"] >= 1  # the kill met requests in flight
     victim = killed[0]
     # Ray Serve replaces the replica, and the endpoint keeps serving
@@ -201,15 +212,11 @@ def test_a_replica_killed_mid_load_costs_only_retryable_errors(ray_serve):
 
 def test_the_worker_node_lost_and_the_deployment_recovers_on_the_head(ray_serve):
     server, artifacts, cluster = ray_serve
-    raylets = cluster.raylets()
-    worker = [p for p in raylets if any("pop_test_worker" in a for a in p.cmdline())]
-    assert len(raylets) == 2 and len(worker) == 1, [p.cmdline()[:3] for p in raylets]
-
-    on_worker = {p.pid for p in worker[0].children(recursive=True)}
+    worker, on_worker = _worker(cluster)
     assert on_worker & set(replicas()), "no replica runs on the worker node"
 
     def lose_worker(_):
-        for p in [worker[0], *worker[0].children(recursive=True)]:
+        for p in [worker, *worker.children(recursive=True)]:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
