@@ -186,7 +186,13 @@ def test_eval_sets_several_exports_side_by_side(exports, tmp_path):
                  progress=lambda m: None)
 
 
-def test_cli_bad_input(tmp_path):
+def test_cli_bad_input(tmp_path, monkeypatch, capsys):
+    """One line and exit 2.  Each installed command runs once; the other cases go through the same entry points
+    in this process (seven interpreter starts took half a minute), a missing or empty file with model loading
+    made to fail the test, since files are read before any model loads."""
+    from pop.cli import analyze as analyze_cli
+    from pop.cli import eval as eval_cli
+    from pop.cli.console import run_command
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     short = tmp_path / "short.txt"
@@ -194,13 +200,27 @@ def test_cli_bad_input(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text(TEXT)
     for prog in ("pop-eval", "pop-analyze"):
-        for path, needle in ((tmp_path / "missing.txt", "does not exist"), (empty, "is empty"),
-                             (short, "shorter than one window")):
-            run = cli(prog, "--model", "tiny-llama", "--data", path, "--out", tmp_path / "o")
-            assert run.returncode == 2 and needle in run.stderr.strip().splitlines()[-1], run.stderr
-            assert "Traceback" not in run.stderr
-    run = cli("pop-eval", "--model", "tiny-llama", "--data", good, "--prefill-layers", 9, "--out", tmp_path / "o")
-    assert run.returncode == 2 and "--prefill-layers must be in 1..6" in run.stderr
+        run = cli(prog, "--model", "tiny-llama", "--data", tmp_path / "missing.txt", "--out", tmp_path / "o")
+        assert run.returncode == 2 and "does not exist" in run.stderr.strip().splitlines()[-1], run.stderr
+        assert "Traceback" not in run.stderr
+
+    def refused(prog, *args):
+        main = {"pop-eval": eval_cli.main, "pop-analyze": analyze_cli.main}[prog]
+        argv = ["--model", "tiny-llama", *map(str, args), "--out", str(tmp_path / "o")]
+        assert run_command(prog, lambda: main(argv)) == 2, (prog, args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
+        return err[-1]
+    for prog in ("pop-eval", "pop-analyze"):
+        assert "shorter than one window" in refused(prog, "--data", short)
+    with monkeypatch.context() as m:
+        def no_loading(*args, **kwargs):
+            raise AssertionError("a model was loaded before the data was checked")
+        m.setattr(sources, "load", no_loading)
+        for prog in ("pop-eval", "pop-analyze"):
+            assert "does not exist" in refused(prog, "--data", tmp_path / "missing.txt")
+            assert "is empty" in refused(prog, "--data", empty)
+    assert "--prefill-layers must be in 1..6" in refused("pop-eval", "--data", good, "--prefill-layers", 9)
     assert not (tmp_path / "o").exists()
 
 
