@@ -37,6 +37,32 @@ def hf_greedy(model, ids, max_new_tokens, eos_ids):
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.fixture
+def refused(capsys):
+    """refused(prog, *args) -> the stderr lines of a console program that refused its arguments, run in
+    this process through its own entry point (pop.cli.<name>.main under run_command, as the installed
+    command runs it): exit 2, no traceback, the line starts "<prog>: error: ".  The bad-input tests take
+    their cases this way; an interpreter start costs seconds of importing torch for one line."""
+    import importlib
+    from pop.cli.console import run_command
+
+    def run(prog, *args):
+        main = importlib.import_module(f"pop.cli.{prog.removeprefix('pop-')}").main
+        argv = [str(a) for a in args]
+        assert run_command(prog, lambda: main(argv)) == 2, (prog, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), (argv, err)
+        return err
+    return run
+
+
+def forbid_model_loading(monkeypatch):
+    """From here on, loading a model fails the test: for input that must be refused before any model loads."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was refused")
+    monkeypatch.setattr(sources, "load", fail)
+
+
 def rope_table_bytes(manifest):
     """The rotary tables (cos and sin, [max_seq_len, head_dim / 2] per rope kind) the graphs hold as constants
     beside the model's own parameters: tiny-gemma3 has two kinds (sliding and global layers)."""

@@ -4,7 +4,6 @@ import json
 import math
 import signal
 import subprocess
-from functools import partial
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from pop.exporter.verify import TOLERANCE
 from pop.runtime.errors import PopError
 from pop.runtime.session import PopSession
 
-from conftest import BIN, EXCERPTS, cli
+from conftest import BIN, EXCERPTS, cli, forbid_model_loading
 
 CALIB = " ".join(p["text"] for p in EXCERPTS[:-2])  # byte tokens: ~3000, eleven sequences
 HELD = " ".join(p["text"] for p in EXCERPTS[-2:])  # never seen by the fit
@@ -180,33 +179,31 @@ def test_near_identity_deep_layers_fitted_heads_recover_the_true_kv(family):
     assert fitted < 0.01 and fitted < 0.8 * original, (fitted, original)
 
 
-def test_bad_options_fail_before_loading(tmp_path, capsys):
+def test_bad_options_fail_before_loading(tmp_path, refused, monkeypatch):
     """The first case through the installed console script; the rest through the same entry in-process
     (each process would spend seconds importing torch to print one line)."""
-    from pop.cli.console import run_command
-    from pop.cli.export import main as export_main
-
-    def in_process(*args):
-        code = run_command("pop-export", lambda: export_main([str(a) for a in args]))
-        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n")
     good = tmp_path / "good.txt"
     good.write_text(CALIB)
-    cases = [(("--kv-heads", "fitted"), "needs calibration text"),
-             (("--kv-heads", "fitted", "--calib", tmp_path / "missing.txt"), "does not exist"),
+    out = ("--model", "tiny-llama", "--out", tmp_path / "o")
+    run = cli("pop-export", *out, "--kv-heads", "fitted")
+    assert run.returncode == 2 and "needs calibration text" in run.stderr.strip().splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr
+    # K against the model's layer count: after loading
+    assert "needs pruned layers" in refused("pop-export", *out, "--kv-heads", "fitted", "--calib", good,
+                                            "--prefill-layers", "6")[-1]
+    forbid_model_loading(monkeypatch)
+    cases = [(("--kv-heads", "fitted", "--calib", tmp_path / "missing.txt"), "does not exist"),
              (("--kv-heads", "fitted", "--calib", empty), "is empty"),
              (("--calib", good), "only used with --kv-heads fitted"),
              (("--kv-heads", "fitted", "--calib", good, "--ridge", "-1"), "--ridge must be"),
              (("--kv-heads", "fitted", "--calib", good, "--ridge", "lots"), "--ridge must be"),
              (("--kv-heads", "fitted", "--calib", good, "--calib-tokens", "10"), "--calib-tokens must be"),
-             (("--kv-heads", "fitted", "--calib", good, "--prefill-layers", "6"), "needs pruned layers"),
              (("--kv-heads", "fitted", "--calib", good, "--guard", tmp_path / "nope.txt"), "does not exist"),
              (("--guard", "off"), "--guard is only used with --kv-heads fitted")]
-    for i, (args, needle) in enumerate(cases):
-        run = (in_process if i else partial(cli, "pop-export"))("--model", "tiny-llama", "--out", tmp_path / "o", *args)
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and needle in lines[-1] and "Traceback" not in run.stderr, (args, run.stderr)
+    for args, needle in cases:
+        assert needle in refused("pop-export", *out, *args)[-1], args
         assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial")]
     with pytest.raises(PopError, match="shorter|tokens; fitted heads need"):

@@ -13,7 +13,7 @@ from pop.quality.evaluate import evaluate
 from pop.quality.methods import Method, Runner, standard_methods
 from pop.runtime.errors import PopError
 
-from conftest import EXCERPTS, cli
+from conftest import EXCERPTS, cli, forbid_model_loading
 
 TEXT = " ".join(p["text"] for p in EXCERPTS)
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
@@ -186,13 +186,9 @@ def test_eval_sets_several_exports_side_by_side(exports, tmp_path):
                  progress=lambda m: None)
 
 
-def test_cli_bad_input(tmp_path, monkeypatch, capsys):
+def test_cli_bad_input(tmp_path, refused, monkeypatch):
     """One line and exit 2.  Each installed command runs once; the other cases go through the same entry points
-    in this process (seven interpreter starts took half a minute), a missing or empty file with model loading
-    made to fail the test, since files are read before any model loads."""
-    from pop.cli import analyze as analyze_cli
-    from pop.cli import eval as eval_cli
-    from pop.cli.console import run_command
+    in this process (seven interpreter starts took half a minute)."""
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     short = tmp_path / "short.txt"
@@ -203,24 +199,15 @@ def test_cli_bad_input(tmp_path, monkeypatch, capsys):
         run = cli(prog, "--model", "tiny-llama", "--data", tmp_path / "missing.txt", "--out", tmp_path / "o")
         assert run.returncode == 2 and "does not exist" in run.stderr.strip().splitlines()[-1], run.stderr
         assert "Traceback" not in run.stderr
-
-    def refused(prog, *args):
-        main = {"pop-eval": eval_cli.main, "pop-analyze": analyze_cli.main}[prog]
-        argv = ["--model", "tiny-llama", *map(str, args), "--out", str(tmp_path / "o")]
-        assert run_command(prog, lambda: main(argv)) == 2, (prog, args)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith(f"{prog}: error: ") and "Traceback" not in "\n".join(err), err
-        return err[-1]
+    out = ("--out", tmp_path / "o")
     for prog in ("pop-eval", "pop-analyze"):
-        assert "shorter than one window" in refused(prog, "--data", short)
-    with monkeypatch.context() as m:
-        def no_loading(*args, **kwargs):
-            raise AssertionError("a model was loaded before the data was checked")
-        m.setattr(sources, "load", no_loading)
-        for prog in ("pop-eval", "pop-analyze"):
-            assert "does not exist" in refused(prog, "--data", tmp_path / "missing.txt")
-            assert "is empty" in refused(prog, "--data", empty)
-    assert "--prefill-layers must be in 1..6" in refused("pop-eval", "--data", good, "--prefill-layers", 9)
+        assert "shorter than one window" in refused(prog, "--model", "tiny-llama", "--data", short, *out)[-1]
+    assert "--prefill-layers must be in 1..6" in refused("pop-eval", "--model", "tiny-llama", "--data", good,
+                                                         "--prefill-layers", 9, *out)[-1]
+    forbid_model_loading(monkeypatch)  # files are read first
+    for prog in ("pop-eval", "pop-analyze"):
+        assert "does not exist" in refused(prog, "--model", "tiny-llama", "--data", tmp_path / "missing.txt", *out)[-1]
+        assert "is empty" in refused(prog, "--model", "tiny-llama", "--data", empty, *out)[-1]
     assert not (tmp_path / "o").exists()
 
 

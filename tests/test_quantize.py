@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import cli, generate_json, hf_greedy
+from conftest import cli, forbid_model_loading, generate_json, hf_greedy
 from pop.exporter import quantize, tiny
 from pop.exporter.options import ExportOptions
 from pop.runtime.backends import BackendOptions, derived
@@ -188,17 +188,11 @@ def test_int4_greedy_equals_hf_generate_on_the_quantized_model(exports, options)
     assert len(generate_json(q, PROMPT_IDS, 8)["output_ids"]) >= 1
 
 
-def test_bad_combinations_fail_before_loading(tmp_path, monkeypatch, capsys):
+def test_bad_combinations_fail_before_loading(tmp_path, refused, monkeypatch):
     """One line and exit 2 before any model loads. The installed command runs twice (a refused combination and
-    argparse's own refusal); the others go through the same entry point in this process, with loading a model
-    made to fail the test, so that eleven interpreter starts do not cost a minute."""
-    from pop.cli import export as export_cli
-    from pop.cli.console import run_command
-    from pop.exporter import sources
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were refused")
-    monkeypatch.setattr(sources, "load", no_loading)
+    argparse's own refusal); the others go through the same entry point in this process, so that eleven
+    interpreter starts do not cost a minute."""
+    forbid_model_loading(monkeypatch)
     for args, needle in ((("--weights", "int4", "--format", "trt"), "needs ONNX Runtime's MatMulNBits"),
                          (("--weights", "int8", "--graph-form", "plain"), "--graph-form plain"),
                          (("--weights", "int4", "--dtype", "bf16"), "not --dtype bf16"),
@@ -212,10 +206,8 @@ def test_bad_combinations_fail_before_loading(tmp_path, monkeypatch, capsys):
                          (("--weights-compute", "int8-gemm",), "add --weights int8 or int4"),
                          (("--weights-asymmetric",), "--weights-asymmetric is for quantized weights"),
                          (("--keep-embedding",), "--keep-embedding is for quantized weights")):
-        argv = ["--model", "tiny-llama", "--out", str(tmp_path / "o"), *args]
-        assert run_command("pop-export", lambda: export_cli.main(argv)) == 2, args
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("pop-export: error: ") and needle in err[0], (args, err)
+        err = refused("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", *args)
+        assert len(err) == 1 and needle in err[0], (args, err)
         assert not (tmp_path / "o").exists()
     run = cli("pop-export", "--model", "tiny-llama", "--out", tmp_path / "o", "--weights", "int4", "--format", "trt",
               timeout=120)
