@@ -85,7 +85,8 @@ def generate(args):
     except ValueError as e:
         raise PopError(str(e)) from None
     session = PopSession.load(args.artifacts, args.backend, threads=args.threads, prepack=args.prepack_weights,
-                              tf32=args.tf32, prompt_chunk=args.prompt_chunk)
+                              tf32=args.tf32, prompt_chunk=args.prompt_chunk,
+                              modes=MODES if args.compare_modes else (args.mode,))
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     images = None
     if args.image:

@@ -63,7 +63,8 @@ def main(argv=None):
     from pop.runtime.engine import Engine
     from pop.serve import create_app
     session = PopSession.load(args.artifacts, backend=args.backend, threads=args.threads,
-                              prepack=args.prepack_weights, tf32=args.tf32, prompt_chunk=args.prompt_chunk)
+                              prepack=args.prepack_weights, tf32=args.tf32, prompt_chunk=args.prompt_chunk,
+                              modes=(args.mode,))  # the other mode's graphs stay unopened
     engine = Engine(session, args.max_batch, args.max_queue, args.mode)
     app = create_app(engine, args.model_name, args.grace)
     print(f"pop-serve: {session.manifest.model.name} ({args.mode} mode, {args.max_batch} rows) on "

@@ -380,6 +380,15 @@ class Manifest:
     def vocab_size(self) -> int:
         return int(self.graphs["decode"].output("logits").shape[-1])
 
+    def graphs_for(self, modes) -> list:
+        """The graphs a runtime opens to serve these prompt modes ("pop", "full"): decode always (every
+        generated token, and POP's boundary), the prefill graph for POP, the prompt graph where there is one
+        for full mode, vision where there is one.  A session for one mode leaves the other's graphs unopened,
+        with the memory their sessions would hold (each ONNX Runtime session packs its own weights)."""
+        wanted = {"decode", "vision"} | ({"prefill"} if "pop" in modes else set()) | (
+            {"prompt"} if "full" in modes else set())
+        return [g for g in self.graphs if g in wanted]
+
     def layer_names(self):
         """Per layer: (past_key, past_value, present_key, present_value) IO names."""
         return [(l.past_key, l.past_value, l.present_key, l.present_value) for l in self.kv_cache.layers]

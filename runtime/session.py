@@ -39,6 +39,14 @@ from .sampling import Sampler
 MODES = ("pop", "full")
 
 
+def check_modes(modes) -> tuple:
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise PopError(f"unknown mode {(unknown or [''])[0]!r}; use one of {', '.join(MODES)}")
+    return modes
+
+
 class ChatText(str):
     """A prompt rendered by the chat template, which already holds any BOS the
     model wants: it is tokenized as is, as HF's apply_chat_template does."""
@@ -139,8 +147,9 @@ class PopSession:
     # False binds it from slot 0, which computes the same, slower at long contexts (for A/B and tests).
     window_shift = True
 
-    def __init__(self, directory, manifest: Manifest, backend, tokenizer):
+    def __init__(self, directory, manifest: Manifest, backend, tokenizer, modes=MODES):
         self.directory, self.manifest, self.backend, self.tokenizer = Path(directory), manifest, backend, tokenizer
+        self.modes = tuple(modes)  # the prompt modes whose graphs the backend opened
         layers = manifest.kv_cache.layers
         self.num_layers = len(layers)
         self.max_seq_len = int(manifest.max_seq_len)
@@ -164,15 +173,18 @@ class PopSession:
         self._ensure(1)
 
     @classmethod
-    def load(cls, directory, backend=None, threads=None, prepack=True, tf32=False, prompt_chunk=None):
+    def load(cls, directory, backend=None, threads=None, prepack=True, tf32=False, prompt_chunk=None, modes=MODES):
         """backend: ort (CPU), ort-cuda, trt or aoti (runtime/backends); None: the artifacts' own
         (aoti for AOTInductor packages, else ort).  prepack (ONNX Runtime on the CPU): its matrix
         products read weights re-laid out for its kernels, one copy per graph (the default: decoding a
         batch is twice as fast); False holds the weights once, as the mapped file, and is slower.
         tf32 (GPU backends, fp32 artifacts): matrix products in TF32, faster and about 1e-3 off;
         off by default, so that fp32 on a GPU gives fp32's answers.  prompt_chunk: tokens per graph call in
-        a prompt phase, 0 for one call, None for the backend's choice (see prompt_calls())."""
+        a prompt phase, 0 for one call, None for the backend's choice (see prompt_calls()).  modes: the prompt
+        modes this session will run; the other mode's graphs are not opened (Manifest.graphs_for), which on
+        ONNX Runtime saves the weights their sessions pack: a server or a command runs one mode."""
         check_prompt_chunk(prompt_chunk)
+        modes = check_modes(modes)
         directory = Path(directory)
         manifest = Manifest.load(directory)
         from tokenizers import Tokenizer
@@ -180,8 +192,8 @@ class PopSession:
             tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
         except Exception as e:
             raise PopError(f"{manifest.tokenizer.file} is not a readable tokenizer: {e}") from None
-        options = BackendOptions(threads=threads, prepack=prepack, tf32=tf32)
-        session = cls(directory, manifest, open_backend(backend, directory, manifest, options), tokenizer)
+        options = BackendOptions(threads=threads, prepack=prepack, tf32=tf32, modes=modes)
+        session = cls(directory, manifest, open_backend(backend, directory, manifest, options), tokenizer, modes)
         if prompt_chunk is not None:
             session.prompt_chunk = prompt_chunk or None
         return session
@@ -368,8 +380,10 @@ class PopSession:
         of each row's first new token.  POP: tokens 0..len-2 of each row through the prefill graph, the
         last one through the decode graph (the boundary); full: the whole prompt through the decode graph.
         stats and observe as in run()."""
-        if mode not in MODES:
-            raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        check_modes([mode])
+        if mode not in self.modes:
+            raise PopError(f"this session was loaded for {' and '.join(self.modes)} mode only, without the graphs "
+                           f"of {mode} mode: load it with modes including {mode!r}")
         observe = observe or (lambda phase, logits: None)
         stats = {} if stats is None else stats
         ids, pos = request.ids, request.positions

@@ -56,7 +56,8 @@ class PopReplica:
         from pop.runtime.engine import Engine
         from pop.runtime.session import PopSession
         o = RayOptions(**options)
-        session = PopSession.load(o.artifacts, backend=o.backend, threads=o.threads, prompt_chunk=o.prompt_chunk)
+        session = PopSession.load(o.artifacts, backend=o.backend, threads=o.threads, prompt_chunk=o.prompt_chunk,
+                                  modes=(o.mode,))
         self.engine = Engine(session, o.max_batch, o.max_queue, o.mode)
         self.options = o
         self.replica = serve.get_replica_context().replica_id.unique_id

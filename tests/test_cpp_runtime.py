@@ -92,6 +92,14 @@ def test_cpp_gemma3_270m(aoti_exports, hf_models, libpop):
     _check_family("gemma3-270m", aoti_exports("gemma3-270m"), loaded, libpop, prompts)
 
 
+def test_python_aoti_session_for_full_mode_loads_the_decode_package_only(aoti_exports):
+    directory = aoti_exports("tiny-llama")
+    full = PopSession.load(directory, threads=1, modes=("full",))
+    assert set(full.backend.loaders) == {"decode"}
+    both = PopSession.load(directory, threads=1)
+    assert full.generate([1, 40, 41, 42], 6, "full").output_ids == both.generate([1, 40, 41, 42], 6, "full").output_ids
+
+
 def test_stream_stop_and_sampling(aoti_exports, libpop):
     directory = aoti_exports("tiny-llama")
     native = NativeSession(directory, threads=1, lib=libpop)

@@ -333,6 +333,29 @@ def resident_pages(pages: mmap.mmap):
     return resident_bytes(np.frombuffer(pages, np.uint8)) // mmap.PAGESIZE
 
 
+def test_a_session_for_one_mode_opens_only_its_graphs(exports):
+    """modes: a session for POP mode leaves full mode's prompt graph unopened, one for full mode the prefill
+    graph (each ONNX Runtime session packs its own weights: on smollm2-135m int4 the prompt graph's session
+    held about 180 MB, benchmarks/capacity), with the same tokens; a mode it was not loaded for is one line,
+    from the session and from an engine."""
+    from pop.runtime.engine import Engine
+    out = exports("tiny-llama", weights="int4", weights_compute="int8-gemm", weights_asymmetric=False)
+    both = PopSession.load(out)
+    assert set(both.backend.sessions) == {"prefill", "decode", "prompt"}
+    one = {"pop": PopSession.load(out, modes=("pop",)), "full": PopSession.load(out, modes=["full"])}
+    assert set(one["pop"].backend.sessions) == {"prefill", "decode"}
+    assert set(one["full"].backend.sessions) == {"decode", "prompt"}
+    for mode, other in (("pop", "full"), ("full", "pop")):
+        session = one[mode]
+        assert session.generate(PROMPT_IDS, 8, mode).output_ids == both.generate(PROMPT_IDS, 8, mode).output_ids
+        with pytest.raises(PopError, match=f"loaded for {mode} mode only, without the graphs of {other} mode"):
+            session.generate(PROMPT_IDS, 2, other)
+        with pytest.raises(PopError, match=f"loaded for {mode} mode only: load it with modes=\\('{other}',\\)"):
+            Engine(session, mode=other)
+    with pytest.raises(PopError, match="unknown mode 'fast'"):
+        PopSession.load(out, modes=("pop", "fast"))
+
+
 def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(tmp_path, exports):
     """--weights-compute int8-gemm: POP's prefill graph, and "prompt", the decode graph's copy that runs full mode's
     prompt, run their products as MatMulInteger over int8 matrices the folder does not hold (the runtime derives

@@ -33,6 +33,7 @@ class BackendOptions:
     threads: int | None = None  # intra-op threads on the CPU (None: the library's default)
     prepack: bool = True  # ONNX Runtime on the CPU: re-laid-out weights per graph (faster) or held once
     tf32: bool = False  # GPU fp32 matrix products in TF32: faster, about 1e-3 relative error; off: true fp32
+    modes: tuple = ("pop", "full")  # the prompt modes to serve: only their graphs are opened (Manifest.graphs_for)
 
 
 def open_backend(name, directory, manifest, options: BackendOptions = BackendOptions()):

@@ -80,7 +80,8 @@ class AotiBackend:
         self.weights = load_weights(directory, manifest, self.device)
         from torch._C._aoti import AOTIModelPackageLoader
         self.loaders, self._inputs, self._outputs = {}, {}, {}
-        for graph, spec in manifest.graphs.items():
+        for graph in manifest.graphs_for(options.modes):
+            spec = manifest.graphs[graph]
             path = directory / spec.file
             try:
                 loader = AOTIModelPackageLoader(str(path), "model", False, 1, -1)

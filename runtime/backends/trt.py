@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PopError
-from . import cuda
+from . import BackendOptions, cuda
 
 ALIGNMENT = 256
 
@@ -110,17 +110,18 @@ class TrtBackend:
     name = "trt"
     device = "cuda"
 
-    def __init__(self, directory, manifest, options=None):
+    def __init__(self, directory, manifest, options: BackendOptions = BackendOptions()):
         directory = Path(directory)
         engines = manifest.engines
-        missing = [g for g in manifest.graphs if g not in engines]
+        graphs = manifest.graphs_for(options.modes)
+        missing = [g for g in graphs if g not in engines]
         if missing:
             raise PopError(f"these artifacts have no TensorRT engine for {', '.join(missing)}: "
                            f"export with --format trt on a machine with an NVIDIA GPU")
         trt = _tensorrt()
         cuda.runtime()
         gpu = cuda.device_info()
-        for graph in manifest.graphs:
+        for graph in graphs:
             check_engine(graph, engines[graph], trt.__version__, gpu)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -131,7 +132,8 @@ class TrtBackend:
         self.host_zeros = self._pinned.zeros
         self.place = lambda block, new, start: cuda.place(self.stream.copy2d, block, new, start)
         self.engines, self.contexts, self.profiles, self._axes = {}, {}, {}, {}
-        for graph, spec in manifest.graphs.items():
+        for graph in graphs:
+            spec = manifest.graphs[graph]
             path = directory / engines[graph].file
             if not path.is_file():
                 raise PopError(f"{path} is missing: the artifact folder is incomplete")
