@@ -41,9 +41,11 @@ MODES = ("pop", "full")
 
 def check_modes(modes) -> tuple:
     modes = tuple(modes)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise PopError(f"unknown mode {(unknown or [''])[0]!r}; use one of {', '.join(MODES)}")
+    if not modes:
+        raise PopError(f"no mode given; use one or both of {', '.join(MODES)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise PopError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     return modes
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from ray import serve
 
 from pop.runtime.errors import PopError
-from pop.runtime.session import MODES, check_prompt_chunk
+from pop.runtime.session import check_modes, check_prompt_chunk
 
 
 @dataclass
@@ -38,8 +38,7 @@ class RayOptions:
     prompt_chunk: int | None = None  # tokens per graph call reading a prompt; 0: one call; None: the backend's
 
     def check(self):
-        if self.mode not in MODES:
-            raise PopError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        check_modes([self.mode])
         if self.max_batch < 1 or self.max_queue < 0 or self.threads < 1 or self.replicas < 1:
             raise PopError("need max_batch >= 1, max_queue >= 0, threads >= 1 and replicas >= 1")
         check_prompt_chunk(self.prompt_chunk)

@@ -354,6 +354,8 @@ def test_a_session_for_one_mode_opens_only_its_graphs(exports):
             Engine(session, mode=other)
     with pytest.raises(PopError, match="unknown mode 'fast'"):
         PopSession.load(out, modes=("pop", "fast"))
+    with pytest.raises(PopError, match="no mode given"):
+        PopSession.load(out, modes=())
 
 
 def test_int8_gemm_prefill_multiplies_in_integers_over_weights_derived_at_load(tmp_path, exports):
