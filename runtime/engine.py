@@ -36,7 +36,6 @@ import numpy as np
 
 from .errors import PopError
 from .sampling import Sampler
-from .session import check_modes
 
 
 class QueueFull(PopError):
@@ -138,10 +137,7 @@ class _Row:
 
 class Engine:
     def __init__(self, session, max_batch=4, max_queue=64, mode="pop"):
-        check_modes([mode])
-        if mode not in session.modes:
-            raise PopError(f"the session was loaded for {' and '.join(session.modes)} mode only: "
-                           f"load it with modes=({mode!r},) to serve {mode} mode")
+        session.require_mode(mode)
         if max_batch < 1 or max_queue < 0:
             raise PopError("need max_batch >= 1 and max_queue >= 0")
         self.session, self.max_batch, self.max_queue, self.mode = session, max_batch, max_queue, mode

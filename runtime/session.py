@@ -382,10 +382,7 @@ class PopSession:
         of each row's first new token.  POP: tokens 0..len-2 of each row through the prefill graph, the
         last one through the decode graph (the boundary); full: the whole prompt through the decode graph.
         stats and observe as in run()."""
-        check_modes([mode])
-        if mode not in self.modes:
-            raise PopError(f"this session was loaded for {' and '.join(self.modes)} mode only, without the graphs "
-                           f"of {mode} mode: load it with modes including {mode!r}")
+        self.require_mode(mode)
         observe = observe or (lambda phase, logits: None)
         stats = {} if stats is None else stats
         ids, pos = request.ids, request.positions
@@ -418,6 +415,13 @@ class PopSession:
             gpu["boundary"] = 0.0 if gpu["prefill"] is not None else None
             observe("full", logits)
         return logits
+
+    def require_mode(self, mode):
+        """Refuses a prompt mode that is unknown or whose graphs this session did not open (load's modes)."""
+        check_modes([mode])
+        if mode not in self.modes:
+            raise PopError(f"this session was loaded for {' and '.join(self.modes)} mode only, without the graphs "
+                           f"of {mode} mode: load it with modes including {mode!r}")
 
     def next_positions(self, request: Request):
         """[axes, B, 1] M-RoPE position of each row's first generated token (each step adds 1), else None."""
