@@ -16,7 +16,7 @@ def _ms(s, digits=1):
 def table(report) -> str:
     images = any("image_size" in r for r in report["results"])
     head = ["batch", *(["image", "preprocess ms", "vision ms"] if images else []), "prompt", "POP TTFT ms", "full TTFT ms", "speedup",
-            "expected", "meas/exp", "prefill ms", "boundary ms", "decode ms/tok", "peak RSS MB"]
+            "expected", "meas/exp", "prefill ms", "boundary ms", "decode ms/tok", "peak RSS MB, both modes"]
     lines = []
     for r in report["results"]:
         image = ["x".join(map(str, r["image_size"])), _ms(r["prepare_ms"]), _ms(r["vision_ms"])] if images else []
