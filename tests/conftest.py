@@ -37,6 +37,15 @@ def hf_greedy(model, ids, max_new_tokens, eos_ids):
     return out[0, ids.shape[1]:].tolist()
 
 
+def assert_one_line_error(run, *needles, code=None):
+    """An installed command's refusal: a non-zero exit (`code` where given), no traceback, and every needle in
+    the last stderr line."""
+    assert run.returncode != 0 if code is None else run.returncode == code, (run.returncode, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) >= 1 and "Traceback" not in run.stderr, run.stderr
+    assert all(n in lines[-1] for n in needles), lines[-1]
+
+
 @pytest.fixture
 def refused(capsys):
     """refused(prog, *args) -> the stderr lines of a console program that refused its arguments, run in

@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, cli
+from conftest import BIN, assert_one_line_error, cli
 from pop.cli.console import run_command
 from pop.runtime.errors import PopError
-
-
-def assert_one_line_error(run, *needles):
-    assert run.returncode != 0
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) >= 1 and "Traceback" not in run.stderr, run.stderr
-    assert all(n in lines[-1] for n in needles), lines[-1]
 
 
 @pytest.fixture

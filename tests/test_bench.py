@@ -12,7 +12,7 @@ from pop.bench import cost
 from pop.bench.measure import prompt_ids, stat
 from pop.runtime.errors import PopError
 from pop.runtime.manifest import Encoder, Manifest
-from test_bad_input import assert_one_line_error
+from conftest import assert_one_line_error
 
 # hidden 4, 2 query heads and 1 KV head of dim 2, MLP 8, vocab 10, 3 layers, prefill keeps 2
 SMALL = cost.Shapes(hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10, layers=3, keep=2)

@@ -20,7 +20,7 @@ from pop.exporter.verify import TOLERANCE
 from pop.runtime.errors import PopError
 from pop.runtime.session import PopSession
 
-from conftest import BIN, EXCERPTS, cli, forbid_model_loading
+from conftest import BIN, EXCERPTS, assert_one_line_error, cli, forbid_model_loading
 
 CALIB = " ".join(p["text"] for p in EXCERPTS[:-2])  # byte tokens: ~3000, eleven sequences
 HELD = " ".join(p["text"] for p in EXCERPTS[-2:])  # never seen by the fit
@@ -187,9 +187,7 @@ def test_bad_options_fail_before_loading(tmp_path, refused, monkeypatch):
     good = tmp_path / "good.txt"
     good.write_text(CALIB)
     out = ("--model", "tiny-llama", "--out", tmp_path / "o")
-    run = cli("pop-export", *out, "--kv-heads", "fitted")
-    assert run.returncode == 2 and "needs calibration text" in run.stderr.strip().splitlines()[-1], run.stderr
-    assert "Traceback" not in run.stderr
+    assert_one_line_error(cli("pop-export", *out, "--kv-heads", "fitted"), "needs calibration text", code=2)
     # K against the model's layer count: after loading
     assert "needs pruned layers" in refused("pop-export", *out, "--kv-heads", "fitted", "--calib", good,
                                             "--prefill-layers", "6")[-1]

@@ -29,7 +29,7 @@ from pop.runtime.kv import KVBuffer
 from pop.runtime.session import PopSession
 
 from conftest import cli
-from test_bad_input import assert_one_line_error
+from conftest import assert_one_line_error
 
 
 def _host_zeros(shape, dtype):

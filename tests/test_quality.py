@@ -13,7 +13,7 @@ from pop.quality.evaluate import evaluate
 from pop.quality.methods import Method, Runner, standard_methods
 from pop.runtime.errors import PopError
 
-from conftest import EXCERPTS, cli, forbid_model_loading
+from conftest import EXCERPTS, assert_one_line_error, cli, forbid_model_loading
 
 TEXT = " ".join(p["text"] for p in EXCERPTS)
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
@@ -197,8 +197,7 @@ def test_cli_bad_input(tmp_path, refused, monkeypatch):
     good.write_text(TEXT)
     for prog in ("pop-eval", "pop-analyze"):
         run = cli(prog, "--model", "tiny-llama", "--data", tmp_path / "missing.txt", "--out", tmp_path / "o")
-        assert run.returncode == 2 and "does not exist" in run.stderr.strip().splitlines()[-1], run.stderr
-        assert "Traceback" not in run.stderr
+        assert_one_line_error(run, "does not exist", code=2)
     out = ("--out", tmp_path / "o")
     for prog in ("pop-eval", "pop-analyze"):
         assert "shorter than one window" in refused(prog, "--model", "tiny-llama", "--data", short, *out)[-1]

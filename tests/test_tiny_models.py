@@ -74,7 +74,7 @@ def test_prompt_file_and_compare_modes(exports, tmp_path):
     """--prompt-file reads the same prompt as --prompt (without echoing it); --compare-modes adds one line
     with both modes' first-token times on that prompt; a file that is missing or empty is one error line."""
     import re
-    from test_bad_input import assert_one_line_error
+    from conftest import assert_one_line_error
     directory = exports("tiny-llama")
     manifest = json.loads((directory / "pop_manifest.json").read_text())["pop"]
     path = tmp_path / "prompt.txt"
